@@ -1,0 +1,161 @@
+//! The recovery pass: what logd runs on every start and what `logd recover`
+//! runs offline, so both repair a crashed state directory the same way.
+//!
+//! The pass, in this order (each step is safe to repeat after a crash in it):
+//! 1. Open the WAL: a torn tail of the last segment (a partial write from a
+//!    crash) is truncated; corruption (a bad record followed by valid ones)
+//!    stops the pass with an error naming segment and offset.
+//! 2. `Materializer::prepare`: bring session files to their checkpoints and
+//!    finish interrupted file steps (the service decides what those are).
+//! 3. Stream every WAL record, oldest first, with bounded memory, through
+//!    `Materializer::apply`, which must be idempotent by (session, seq): a
+//!    record the session's files already hold is skipped, so checkpoints only
+//!    say where to start, never what is true.
+//! 4. `Materializer::finish`: fsync what was written and persist checkpoints.
+//! 5. Delete WAL segments that are now fully materialized.
+//!
+//! Only after the pass returns may the service accept frames or hand events
+//! to the Redis mirror.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wal::fs::Fs;
+use wal::{OpenReport, Wal, WalOptions};
+
+/// What a pass can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The WAL could not be opened or read (corruption included).
+    #[error(transparent)]
+    Wal(#[from] wal::Error),
+    /// The materializer failed on a record or while finishing.
+    #[error("recovery: materializing LSN {lsn}: {source}")]
+    Materialize {
+        /// The record's LSN (0 when finishing).
+        lsn: u64,
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    /// True iff the failure is damage needing an operator (exit code 2).
+    pub fn is_integrity(&self) -> bool {
+        matches!(
+            self,
+            Error::Wal(wal::Error::Corruption { .. } | wal::Error::Gap { .. } | wal::Error::BadHeader { .. })
+        )
+    }
+}
+
+/// What applying one record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The record was written to its session's file.
+    Written,
+    /// The session's files already held it.
+    Skipped,
+}
+
+/// The service side of recovery: how records become file contents.
+pub trait Materializer {
+    /// Brings files to their checkpoints and finishes interrupted steps.
+    fn prepare(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    /// Applies one record, idempotently by (session, seq).
+    fn apply(&mut self, lsn: u64, payload: &[u8]) -> Result<Applied, Box<dyn std::error::Error + Send + Sync>>;
+    /// Makes everything applied durable and persists checkpoints.
+    fn finish(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// Progress of a running pass, for a progress bar.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// WAL payload bytes read so far.
+    pub bytes_read: u64,
+    /// Bytes of all segments.
+    pub bytes_total: u64,
+    /// Records read so far.
+    pub records: u64,
+}
+
+/// What a pass did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// What opening the WAL found (torn tail, leftover temp files).
+    pub open: OpenReport,
+    /// Segments read.
+    pub segments_scanned: usize,
+    /// Records read from the WAL.
+    pub records_read: u64,
+    /// Records written to session files.
+    pub records_replayed: u64,
+    /// Records the files already held.
+    pub records_skipped: u64,
+    /// WAL payload bytes read.
+    pub bytes_read: u64,
+    /// Segments deleted at the end.
+    pub segments_removed: usize,
+    /// Wall time of the pass.
+    pub elapsed: Duration,
+}
+
+/// Runs the pass on the WAL in `wal_dir`; returns the open WAL, ready for
+/// appends, and the report.
+pub fn run(
+    fs: Arc<dyn Fs>,
+    wal_dir: &Path,
+    opts: WalOptions,
+    materializer: &mut dyn Materializer,
+    mut progress: impl FnMut(Progress),
+) -> Result<(Wal, Report), Error> {
+    let started = Instant::now();
+    let (wal, open) = Wal::open(fs.clone(), wal_dir, opts)?;
+    let bytes_total = wal.segments().disk_bytes();
+    materializer
+        .prepare()
+        .map_err(|source| Error::Materialize { lsn: 0, source })?;
+    let mut report = Report {
+        open,
+        ..Report::default()
+    };
+    let mut failure = None;
+    let summary = wal::read_from(fs.as_ref(), wal_dir, 0, opts.record_bytes_max, |rec| {
+        match materializer.apply(rec.lsn, rec.payload) {
+            Ok(Applied::Written) => report.records_replayed += 1,
+            Ok(Applied::Skipped) => report.records_skipped += 1,
+            Err(source) => {
+                failure = Some(Error::Materialize { lsn: rec.lsn, source });
+                return Err(wal::Error::Closed);
+            }
+        }
+        report.records_read += 1;
+        report.bytes_read += rec.payload.len() as u64;
+        if report.records_read.is_multiple_of(4096) {
+            progress(Progress {
+                bytes_read: report.bytes_read,
+                bytes_total,
+                records: report.records_read,
+            });
+        }
+        Ok(())
+    });
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    let summary = summary?;
+    progress(Progress {
+        bytes_read: report.bytes_read,
+        bytes_total,
+        records: report.records_read,
+    });
+    report.segments_scanned = summary.segments.len();
+    materializer
+        .finish()
+        .map_err(|source| Error::Materialize { lsn: 0, source })?;
+    report.segments_removed = wal.segments().remove_before(wal.next_lsn())?;
+    report.elapsed = started.elapsed();
+    Ok((wal, report))
+}

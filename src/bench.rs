@@ -1,0 +1,375 @@
+//! `logd bench`: a load generator that drives a running server with N
+//! concurrent streams over M sessions and reports durable-acked throughput,
+//! ack latency percentiles and the server's group-commit batch sizes.
+//!
+//! Latency is measured per frame from when it was handed to the stream to
+//! when the ack covering it arrived (bidi), or per call (stream, batch).
+
+use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::{BenchArgs, BenchRpc};
+use crate::pb::admin_service_client::AdminServiceClient;
+use crate::pb::log_service_client::LogServiceClient;
+use crate::pb::{LogBatch, LogFrame, StatsRequest, StatsResponse};
+
+/// The result of a run (`--json` prints it).
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Which RPC was driven.
+    pub rpc: String,
+    /// Streams and sessions.
+    pub streams: usize,
+    /// Sessions.
+    pub sessions: usize,
+    /// Content bytes per frame.
+    pub frame_bytes: usize,
+    /// Seconds from first send to last ack.
+    pub seconds: f64,
+    /// Frames acknowledged as durable.
+    pub frames_acked: u64,
+    /// Acked frames per second.
+    pub frames_per_sec: f64,
+    /// Acked content megabytes (10^6) per second.
+    pub mb_per_sec: f64,
+    /// Ack latency percentiles in milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Largest latency seen.
+    pub max_ms: f64,
+    /// Group commits on the server during the run.
+    pub server_commits: u64,
+    /// Records per group commit, on average.
+    pub server_records_per_commit: f64,
+    /// Server commits by records per commit: `[low, high) → count`.
+    pub server_batch_histogram: Vec<(u64, u64, u64)>,
+    /// Client errors (failed calls).
+    pub errors: u64,
+}
+
+async fn connect(target: &str) -> anyhow::Result<Channel> {
+    Endpoint::from_shared(target.to_owned())?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {target}"))
+}
+
+fn frame(session: &str, content: &str) -> LogFrame {
+    LogFrame {
+        session_id: session.to_owned(),
+        content: content.to_owned(),
+        role: "bench".into(),
+        ..Default::default()
+    }
+}
+
+struct Shared {
+    acked: AtomicU64,
+    errors: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// Runs the benchmark and prints the report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(
+        args.streams > 0 && args.sessions > 0,
+        "--streams and --sessions must be > 0"
+    );
+    let admin_channel = connect(&args.target).await?;
+    let mut admin = AdminServiceClient::new(admin_channel);
+    let before = admin.get_stats(StatsRequest {}).await?.into_inner();
+    let run_id = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
+    let sessions: Vec<String> = (0..args.sessions).map(|i| format!("bench-{run_id}-{i}")).collect();
+    let content: String = "x".repeat(args.frame_bytes);
+    let shared = Arc::new(Shared {
+        acked: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.duration);
+    let mut tasks = Vec::new();
+    for s in 0..args.streams {
+        // Stream s writes sessions s, s + streams, …; with fewer sessions
+        // than streams, several streams share one session (server seqs).
+        let mine: Vec<String> = if args.sessions >= args.streams {
+            sessions.iter().skip(s).step_by(args.streams).cloned().collect()
+        } else {
+            vec![sessions[s % args.sessions].clone()]
+        };
+        let channel = connect(&args.target).await?;
+        let (args, shared, content) = (args.clone(), shared.clone(), content.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = LogServiceClient::new(channel)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20);
+            match args.rpc {
+                BenchRpc::Bidi => bidi(client, &args, &mine, &content, &shared, deadline).await,
+                BenchRpc::Stream | BenchRpc::Batch => calls(client, &args, &mine, &content, &shared, deadline).await,
+            }
+        }));
+    }
+    let progress = std::io::stderr().is_terminal() && !args.json;
+    let ticker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            while progress && !shared.stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = shared.acked.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{:>6.1}s  {:>10} acked  {:>9} frames/s   ",
+                    started.elapsed().as_secs_f64(),
+                    now,
+                    now - last
+                );
+                last = now;
+            }
+        })
+    };
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in tasks {
+        match t.await? {
+            Ok(h) => hist.add(h)?,
+            Err(e) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                eprintln!("bench stream failed: {e:#}");
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    shared.stop.store(true, Ordering::Relaxed);
+    ticker.abort();
+    if progress {
+        eprintln!();
+    }
+    let after = admin.get_stats(StatsRequest {}).await?.into_inner();
+    let acked = shared.acked.load(Ordering::Relaxed);
+    let report = make_report(
+        &args,
+        seconds,
+        acked,
+        &hist,
+        &before,
+        &after,
+        shared.errors.load(Ordering::Relaxed),
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(report)
+}
+
+fn make_report(
+    args: &BenchArgs,
+    seconds: f64,
+    acked: u64,
+    hist: &Histogram<u64>,
+    before: &StatsResponse,
+    after: &StatsResponse,
+    errors: u64,
+) -> BenchReport {
+    let commits = after.wal_commits - before.wal_commits;
+    let records = after.wal_records - before.wal_records;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let server_batch_histogram = after
+        .commit_batch_log2_histogram
+        .iter()
+        .zip(before.commit_batch_log2_histogram.iter().chain(std::iter::repeat(&0)))
+        .enumerate()
+        .filter(|(_, (a, b))| *a > *b)
+        .map(|(i, (a, b))| (1u64 << i, 1u64 << (i + 1), a - b))
+        .collect();
+    BenchReport {
+        rpc: format!("{:?}", args.rpc).to_lowercase(),
+        streams: args.streams,
+        sessions: args.sessions,
+        frame_bytes: args.frame_bytes,
+        seconds,
+        frames_acked: acked,
+        frames_per_sec: acked as f64 / seconds,
+        mb_per_sec: (acked as f64 * args.frame_bytes as f64) / seconds / 1e6,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: hist.max() as f64 / 1000.0,
+        server_commits: commits,
+        server_records_per_commit: if commits > 0 {
+            records as f64 / commits as f64
+        } else {
+            0.0
+        },
+        server_batch_histogram,
+        errors,
+    }
+}
+
+fn print_report(r: &BenchReport) {
+    println!(
+        "{} streams={} sessions={} frame={}B: {} frames acked in {:.2}s = {:.0} frames/s, {:.1} MB/s; ack latency p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, max {:.3} ms",
+        r.rpc,
+        r.streams,
+        r.sessions,
+        r.frame_bytes,
+        r.frames_acked,
+        r.seconds,
+        r.frames_per_sec,
+        r.mb_per_sec,
+        r.p50_ms,
+        r.p99_ms,
+        r.p999_ms,
+        r.max_ms
+    );
+    println!(
+        "server group commits: {} ({:.1} records per commit, one write + one fdatasync each)",
+        r.server_commits, r.server_records_per_commit
+    );
+    for (lo, hi, n) in &r.server_batch_histogram {
+        println!("  records/commit [{lo:>6}, {hi:>6}): {n}");
+    }
+    if r.errors > 0 {
+        println!("errors: {}", r.errors);
+    }
+}
+
+/// Paces sends to `rate` frames/s per stream (0: unpaced).
+struct Pacer {
+    per_frame: Option<Duration>,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(args: &BenchArgs) -> Self {
+        let per_stream = args.rate / args.streams as f64;
+        Pacer {
+            per_frame: (per_stream > 0.0).then(|| Duration::from_secs_f64(1.0 / per_stream)),
+            next: Instant::now(),
+        }
+    }
+    async fn wait(&mut self, frames: u64) {
+        if let Some(d) = self.per_frame {
+            self.next += d * frames as u32;
+            tokio::time::sleep_until(self.next.into()).await;
+        }
+    }
+}
+
+async fn bidi(
+    mut client: LogServiceClient<Channel>,
+    args: &BenchArgs,
+    sessions: &[String],
+    content: &str,
+    shared: &Shared,
+    deadline: Instant,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (tx, rx) = mpsc::channel::<LogFrame>(args.window_frames.max(1));
+    let mut acks = client.write_log_bidi(ReceiverStream::new(rx)).await?.into_inner();
+    let window = args.window_frames.max(1) as u64;
+    let mut sent_at: VecDeque<Instant> = VecDeque::new();
+    let mut sent = 0u64;
+    let mut settled = 0u64;
+    let mut pacer = Pacer::new(args);
+    let mut tx = Some(tx);
+    let burst = 64u64;
+    loop {
+        if let Some(sender) = &tx {
+            if Instant::now() >= deadline {
+                tx = None;
+            } else if sent - settled < window {
+                let n = burst.min(window - (sent - settled));
+                pacer.wait(n).await;
+                let now = Instant::now();
+                for _ in 0..n {
+                    let s = &sessions[(sent as usize) % sessions.len()];
+                    sender.send(frame(s, content)).await?;
+                    sent_at.push_back(now);
+                    sent += 1;
+                }
+                // Pick up acks that are already here without blocking.
+                while let Some(Some(ack)) = futures::FutureExt::now_or_never(acks.next()) {
+                    settle(ack?.through_index as u64, &mut settled, &mut sent_at, &mut hist, shared)?;
+                }
+                continue;
+            }
+        }
+        if tx.is_none() && settled == sent {
+            break;
+        }
+        match acks.next().await {
+            Some(ack) => settle(ack?.through_index as u64, &mut settled, &mut sent_at, &mut hist, shared)?,
+            None => anyhow::ensure!(settled == sent, "stream ended with {} frames unacked", sent - settled),
+        }
+    }
+    Ok(hist)
+}
+
+fn settle(
+    through: u64,
+    settled: &mut u64,
+    sent_at: &mut VecDeque<Instant>,
+    hist: &mut Histogram<u64>,
+    shared: &Shared,
+) -> anyhow::Result<()> {
+    let now = Instant::now();
+    anyhow::ensure!(through >= *settled, "ack went backwards: {through} after {settled}");
+    shared.acked.fetch_add(through - *settled, Ordering::Relaxed);
+    while *settled < through {
+        let t = sent_at.pop_front().context("ack beyond what was sent")?;
+        hist.record((now - t).as_micros().max(1) as u64)?;
+        *settled += 1;
+    }
+    Ok(())
+}
+
+async fn calls(
+    mut client: LogServiceClient<Channel>,
+    args: &BenchArgs,
+    sessions: &[String],
+    content: &str,
+    shared: &Shared,
+    deadline: Instant,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut pacer = Pacer::new(args);
+    let mut n = 0usize;
+    while Instant::now() < deadline {
+        let frames: Vec<LogFrame> = (0..args.batch_frames)
+            .map(|i| frame(&sessions[(n + i) % sessions.len()], content))
+            .collect();
+        n += args.batch_frames;
+        pacer.wait(args.batch_frames as u64).await;
+        let t = Instant::now();
+        let resp = match args.rpc {
+            BenchRpc::Batch => client.write_log_batch(LogBatch { frames }).await?.into_inner(),
+            _ => client.write_log_stream(tokio_stream::iter(frames)).await?.into_inner(),
+        };
+        hist.record(t.elapsed().as_micros().max(1) as u64)?;
+        shared.acked.fetch_add(resp.frames_accepted as u64, Ordering::Relaxed);
+    }
+    Ok(hist)
+}

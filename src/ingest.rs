@@ -1,0 +1,184 @@
+//! The ingest pipeline's front half: admission, seq assignment and the WAL.
+//!
+//! ```text
+//! gRPC handler ──IngestRequest──▶ wal-commit thread (Sequencer: seq per session,
+//!   (validated frames)               append records, one write + one fdatasync)
+//!        ▲                                   │ settle
+//!        └──── Outcomes (after fsync) ◀──────┤
+//!                                            └──▶ dispatcher ──▶ session writers
+//! ```
+//! Seqs are decided on the commit thread, in the same order as the records'
+//! LSNs, so replaying the WAL reproduces them exactly. Nothing is sent to a
+//! client, nor to a writer, before the fdatasync covering it returned Ok.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prost::Message;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use wal::{CommitInfo, RecordType, Stage, Wal};
+
+use crate::meta::MetaStore;
+use crate::pb::LogFrame;
+
+/// What became of one valid frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Durable in the WAL with this seq.
+    Accepted(i64),
+    /// The session already held this client seq: dropped, not an error.
+    Duplicate,
+}
+
+/// A reply to an [`IngestRequest`]: one outcome per frame, or why the batch
+/// holding it could not be made durable.
+pub type IngestReply = Result<Vec<Outcome>, String>;
+
+/// Validated frames from one stream, in stream order.
+pub struct IngestRequest {
+    /// The frames (time and version already normalized).
+    pub frames: Vec<LogFrame>,
+    /// Admission budget units this request holds, released once materialized.
+    pub budget_units: u32,
+    /// Where the outcomes go, after the fsync.
+    pub reply: oneshot::Sender<IngestReply>,
+}
+
+/// Frames made durable by one commit, on their way to the session writers.
+pub struct Durable {
+    /// `(lsn, frame)` in LSN order.
+    pub frames: Vec<(u64, LogFrame)>,
+    /// Budget units to release once they are handed to writers.
+    pub budget_units: u32,
+}
+
+/// Counters shared with the admin service.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Frames made durable.
+    pub accepted: AtomicU64,
+    /// Frames dropped as duplicates.
+    pub duplicate: AtomicU64,
+    /// Frames rejected by validation.
+    pub rejected: AtomicU64,
+}
+
+/// Per-request state between staging and settling.
+pub struct Staged {
+    outcomes: Vec<Outcome>,
+    durable: Vec<(u64, LogFrame)>,
+    budget_units: u32,
+    reply: oneshot::Sender<IngestReply>,
+}
+
+/// Assigns seqs and appends frames; runs on the commit thread and owns the
+/// per-session last-seq map without locks.
+pub struct Sequencer {
+    last_seq: HashMap<String, i64>,
+    meta: Arc<dyn MetaStore>,
+    to_dispatcher: mpsc::UnboundedSender<Durable>,
+    budget: Arc<Semaphore>,
+    stats: Arc<IngestStats>,
+}
+
+impl Sequencer {
+    /// A sequencer seeded lazily from checkpoints in `meta` (which recovery
+    /// has made exact before this runs).
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        to_dispatcher: mpsc::UnboundedSender<Durable>,
+        budget: Arc<Semaphore>,
+        stats: Arc<IngestStats>,
+    ) -> Self {
+        Sequencer {
+            last_seq: HashMap::new(),
+            meta,
+            to_dispatcher,
+            budget,
+            stats,
+        }
+    }
+
+    fn last_seq(&mut self, session: &str) -> &mut i64 {
+        if !self.last_seq.contains_key(session) {
+            // A read error here is treated as "unknown session" only if the
+            // store has no value; an error must not restart seqs at 1.
+            let last = match self.meta.checkpoint(session) {
+                Ok(c) => c.map_or(0, |c| c.last_seq),
+                Err(e) => panic!("meta store unreadable while assigning seqs for {session:?}: {e}"),
+            };
+            self.last_seq.insert(session.to_owned(), last);
+        }
+        self.last_seq.get_mut(session).expect("present")
+    }
+}
+
+impl Stage for Sequencer {
+    type Request = IngestRequest;
+    type Staged = Result<Staged, (oneshot::Sender<IngestReply>, u32, String)>;
+
+    fn stage(&mut self, req: IngestRequest, wal: &mut Wal) -> Self::Staged {
+        let mut outcomes = Vec::with_capacity(req.frames.len());
+        let mut durable = Vec::with_capacity(req.frames.len());
+        for mut frame in req.frames {
+            let last = *self.last_seq(&frame.session_id);
+            let seq = match frame.seq {
+                0 => last + 1,
+                s if s <= last => {
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                s => s,
+            };
+            frame.seq = seq;
+            match wal.append_with(RecordType::Frame, |buf| frame.encode_raw(buf)) {
+                Ok(lsn) => {
+                    *self.last_seq(&frame.session_id) = seq;
+                    outcomes.push(Outcome::Accepted(seq));
+                    durable.push((lsn, frame));
+                }
+                Err(e) => return Err((req.reply, req.budget_units, e.to_string())),
+            }
+        }
+        Ok(Staged {
+            outcomes,
+            durable,
+            budget_units: req.budget_units,
+            reply: req.reply,
+        })
+    }
+
+    fn settle(&mut self, batch: Vec<Self::Staged>, result: Result<&CommitInfo, &wal::Error>) {
+        for staged in batch {
+            match (staged, result) {
+                (Ok(s), Ok(_)) => {
+                    let accepted = s.durable.len() as u64;
+                    self.stats.accepted.fetch_add(accepted, Ordering::Relaxed);
+                    self.stats
+                        .duplicate
+                        .fetch_add(s.outcomes.len() as u64 - accepted, Ordering::Relaxed);
+                    if s.durable.is_empty() {
+                        self.budget.add_permits(s.budget_units as usize);
+                    } else if let Err(lost) = self.to_dispatcher.send(Durable {
+                        frames: s.durable,
+                        budget_units: s.budget_units,
+                    }) {
+                        // Only during shutdown; the frames are durable in the
+                        // WAL and the next start materializes them.
+                        self.budget.add_permits(lost.0.budget_units as usize);
+                    }
+                    let _ = s.reply.send(Ok(s.outcomes));
+                }
+                (Ok(s), Err(e)) => {
+                    self.budget.add_permits(s.budget_units as usize);
+                    let _ = s.reply.send(Err(e.to_string()));
+                }
+                (Err((reply, units, why)), _) => {
+                    self.budget.add_permits(units as usize);
+                    let _ = reply.send(Err(why));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The `logd` binary: parses flags, sets up logging, runs a subcommand and
+//! maps failures to exit codes (0 ok, 1 usage or I/O error, 2 integrity
+//! problem needing an operator).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use logd::config::{Cli, Command, LogFormat};
+
+mod cli;
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = match &cli.command {
+        Command::Serve(a) => a.log_format,
+        _ => LogFormat::Text,
+    };
+    init_tracing(format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(cli::run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("logd: error: {e:#}");
+            ExitCode::from(cli::exit_code(&e))
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! The gRPC edge: `logging.v1.LogService` and `logging.v1.AdminService`.
+//! Validation and chunking happen here; durable work is the pipeline's
+//! ([`crate::ingest`]). Errors become `Status` codes only in this module.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use futures::FutureExt;
+use prost::Message;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ingest::{IngestReply, IngestRequest, IngestStats, Outcome};
+use crate::pb::admin_service_server::AdminService;
+use crate::pb::log_service_server::LogService;
+use crate::pb::{
+    LogBatch, LogFrame, Rejection, SessionRange, StatsRequest, StatsResponse, WriteLogAck, WriteLogResponse,
+};
+use crate::validate::validate;
+use crate::writer::DispatchStats;
+
+/// Rejections listed in one response (the count is always exact).
+pub const REJECTIONS_LISTED_MAX: usize = 100;
+/// Frames per request handed to the commit thread.
+const CHUNK_FRAMES_MAX: usize = 512;
+/// Encoded bytes per request handed to the commit thread.
+const CHUNK_BYTES_MAX: usize = 1 << 20;
+/// Requests one stream may have waiting for their fsync.
+const STREAM_CHUNKS_IN_FLIGHT_MAX: usize = 16;
+/// Bytes per admission budget unit.
+pub const BUDGET_UNIT_BYTES: usize = 1024;
+
+/// State shared by all handlers.
+#[derive(Clone)]
+pub struct Shared {
+    /// Submits requests to the commit thread.
+    pub submitter: wal::Submitter<IngestRequest>,
+    /// Admission budget in [`BUDGET_UNIT_BYTES`] units.
+    pub budget: Arc<Semaphore>,
+    /// Total units of the budget.
+    pub budget_units_total: u32,
+    /// Largest accepted encoded frame.
+    pub frame_bytes_max: usize,
+    /// Counters.
+    pub stats: Arc<IngestStats>,
+    /// Dispatcher counters.
+    pub dispatch: Arc<DispatchStats>,
+    /// The WAL's counters and segments.
+    pub wal_stats: Arc<wal::WalStats>,
+    /// The WAL's segments.
+    pub segments: wal::Segments,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+}
+
+/// Frames of one stream waiting for their fsync, with the rejections that
+/// sit between them (settled together, in stream order).
+struct Chunk {
+    /// Stream index just past the chunk.
+    end_index: i64,
+    /// Session runs of the chunk's valid frames: (session, frames).
+    runs: Vec<(String, usize)>,
+    rejections: Vec<Rejection>,
+    reply: Option<oneshot::Receiver<IngestReply>>,
+}
+
+/// Counts and ranges over a call (or since the last ack).
+#[derive(Default)]
+struct Tally {
+    accepted: i64,
+    duplicate: i64,
+    rejected: i64,
+    sessions: Vec<SessionRange>,
+    rejections: Vec<Rejection>,
+}
+
+impl Tally {
+    fn record(&mut self, session: &str, outcome: Outcome) {
+        match outcome {
+            Outcome::Duplicate => self.duplicate += 1,
+            Outcome::Accepted(seq) => {
+                self.accepted += 1;
+                match self.sessions.iter_mut().find(|r| r.session_id == session) {
+                    Some(r) => {
+                        r.first_seq = r.first_seq.min(seq);
+                        r.last_seq = r.last_seq.max(seq);
+                        r.frames += 1;
+                    }
+                    None => self.sessions.push(SessionRange {
+                        session_id: session.to_owned(),
+                        first_seq: seq,
+                        last_seq: seq,
+                        frames: 1,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn reject(&mut self, r: Rejection) {
+        self.rejected += 1;
+        if self.rejections.len() < REJECTIONS_LISTED_MAX {
+            self.rejections.push(r);
+        }
+    }
+
+    fn response(self) -> WriteLogResponse {
+        WriteLogResponse {
+            frames_accepted: self.accepted,
+            frames_duplicate: self.duplicate,
+            frames_rejected: self.rejected,
+            sessions: self.sessions,
+            rejections: self.rejections,
+        }
+    }
+}
+
+/// Builds chunks from a stream of frames and settles them in order.
+struct StreamIngest {
+    shared: Shared,
+    next_index: i64,
+    building: Vec<LogFrame>,
+    building_bytes: usize,
+    building_rejections: Vec<Rejection>,
+    pending: VecDeque<Chunk>,
+}
+
+fn wal_unavailable(why: &str, index: i64) -> Status {
+    Status::unavailable(format!(
+        "WAL write failed, frames from stream index {index} on are not acknowledged: {why}"
+    ))
+}
+
+impl StreamIngest {
+    fn new(shared: Shared) -> Self {
+        StreamIngest {
+            shared,
+            next_index: 0,
+            building: Vec::new(),
+            building_bytes: 0,
+            building_rejections: Vec::new(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Validates a frame into the chunk being built.
+    fn push(&mut self, mut frame: LogFrame) {
+        let index = self.next_index;
+        self.next_index += 1;
+        if let Err(reason) = validate(&frame, self.shared.frame_bytes_max) {
+            self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            self.building_rejections.push(Rejection { index, reason });
+            return;
+        }
+        if frame.time.is_none() {
+            frame.time = Some(prost_types::Timestamp::from(SystemTime::now()));
+        }
+        frame.version = 1;
+        self.building_bytes += frame.encoded_len();
+        self.building.push(frame);
+    }
+
+    fn chunk_full(&self) -> bool {
+        self.building.len() >= CHUNK_FRAMES_MAX || self.building_bytes >= CHUNK_BYTES_MAX
+    }
+
+    fn window_full(&self) -> bool {
+        self.pending.len() >= STREAM_CHUNKS_IN_FLIGHT_MAX
+    }
+
+    /// Hands the chunk being built to the commit thread (after admission).
+    async fn submit(&mut self) -> Result<(), Status> {
+        if self.building.is_empty() && self.building_rejections.is_empty() {
+            return Ok(());
+        }
+        let frames = std::mem::take(&mut self.building);
+        let bytes = std::mem::take(&mut self.building_bytes);
+        let mut runs: Vec<(String, usize)> = Vec::new();
+        for f in &frames {
+            match runs.last_mut() {
+                Some((s, n)) if *s == f.session_id => *n += 1,
+                _ => runs.push((f.session_id.clone(), 1)),
+            }
+        }
+        let reply = if frames.is_empty() {
+            None
+        } else {
+            let units = (bytes.div_ceil(BUDGET_UNIT_BYTES) as u32).clamp(1, self.shared.budget_units_total);
+            let permit = tokio::select! {
+                p = self.shared.budget.acquire_many(units) => p.map_err(|_| Status::unavailable("server is shutting down"))?,
+                _ = self.shared.shutdown.cancelled() => return Err(Status::unavailable("server is shutting down")),
+            };
+            permit.forget(); // returned by the pipeline once materialized
+            let (tx, rx) = oneshot::channel();
+            let req = IngestRequest {
+                frames,
+                budget_units: units,
+                reply: tx,
+            };
+            if self.shared.submitter.submit(req).is_err() {
+                self.shared.budget.add_permits(units as usize);
+                return Err(Status::unavailable("server is shutting down"));
+            }
+            Some(rx)
+        };
+        self.pending.push_back(Chunk {
+            end_index: self.next_index,
+            runs,
+            rejections: std::mem::take(&mut self.building_rejections),
+            reply,
+        });
+        Ok(())
+    }
+
+    /// Waits for the oldest chunk and adds it to `tally`; returns its end index.
+    async fn settle_one(&mut self, tally: &mut Tally) -> Result<Option<i64>, Status> {
+        let Some(chunk) = self.pending.front_mut() else {
+            return Ok(None);
+        };
+        if let Some(rx) = chunk.reply.as_mut() {
+            let outcomes = match rx.await {
+                Ok(Ok(o)) => o,
+                Ok(Err(why)) => return Err(wal_unavailable(&why, chunk.end_index)),
+                Err(_) => return Err(Status::unavailable("server is shutting down")),
+            };
+            let mut it = outcomes.into_iter();
+            for (session, n) in &chunk.runs {
+                for o in it.by_ref().take(*n) {
+                    tally.record(session, o);
+                }
+            }
+        }
+        let chunk = self.pending.pop_front().expect("front exists");
+        for r in chunk.rejections {
+            tally.reject(r);
+        }
+        Ok(Some(chunk.end_index))
+    }
+}
+
+/// Reads one more frame if one is ready right now.
+fn ready_frame(stream: &mut Streaming<LogFrame>) -> Option<Option<Result<LogFrame, Status>>> {
+    stream.next().now_or_never()
+}
+
+/// The LogService implementation.
+pub struct LogSvc {
+    /// Shared state.
+    pub shared: Shared,
+}
+
+#[tonic::async_trait]
+impl LogService for LogSvc {
+    async fn write_log_stream(
+        &self,
+        request: Request<Streaming<LogFrame>>,
+    ) -> Result<Response<WriteLogResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut ingest = StreamIngest::new(self.shared.clone());
+        let mut tally = Tally::default();
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let first = tokio::select! {
+                f = stream.next() => f,
+                _ = shutdown.cancelled() => {
+                    ingest.submit().await.ok();
+                    while ingest.settle_one(&mut tally).await?.is_some() {}
+                    return Err(Status::unavailable(format!(
+                        "server is shutting down: {} frames of this stream were made durable; resend the rest (client seqs make it idempotent)",
+                        tally.accepted
+                    )));
+                }
+            };
+            let Some(first) = first else { break };
+            ingest.push(first?);
+            while !ingest.chunk_full() {
+                match ready_frame(&mut stream) {
+                    Some(Some(f)) => ingest.push(f?),
+                    _ => break,
+                }
+            }
+            ingest.submit().await?;
+            while ingest.window_full() {
+                ingest.settle_one(&mut tally).await?;
+            }
+        }
+        ingest.submit().await?;
+        while ingest.settle_one(&mut tally).await?.is_some() {}
+        Ok(Response::new(tally.response()))
+    }
+
+    type WriteLogBidiStream = ReceiverStream<Result<WriteLogAck, Status>>;
+
+    async fn write_log_bidi(
+        &self,
+        request: Request<Streaming<LogFrame>>,
+    ) -> Result<Response<Self::WriteLogBidiStream>, Status> {
+        let mut stream = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_CHUNKS_IN_FLIGHT_MAX);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            if let Err(status) = bidi_loop(shared, &mut stream, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn write_log_batch(&self, request: Request<LogBatch>) -> Result<Response<WriteLogResponse>, Status> {
+        let batch = request.into_inner();
+        let mut ingest = StreamIngest::new(self.shared.clone());
+        let mut tally = Tally::default();
+        for frame in batch.frames {
+            ingest.push(frame);
+            if ingest.chunk_full() {
+                ingest.submit().await?;
+            }
+            while ingest.window_full() {
+                ingest.settle_one(&mut tally).await?;
+            }
+        }
+        ingest.submit().await?;
+        while ingest.settle_one(&mut tally).await?.is_some() {}
+        Ok(Response::new(tally.response()))
+    }
+}
+
+/// The bidi loop: read frames while the window allows, ack each settled chunk.
+async fn bidi_loop(
+    shared: Shared,
+    stream: &mut Streaming<LogFrame>,
+    tx: &mpsc::Sender<Result<WriteLogAck, Status>>,
+) -> Result<(), Status> {
+    let shutdown = shared.shutdown.clone();
+    let mut ingest = StreamIngest::new(shared);
+    let mut total = Tally::default();
+    let mut input_open = true;
+    loop {
+        if !input_open && ingest.pending.is_empty() {
+            return Ok(());
+        }
+        let has_pending = !ingest.pending.is_empty();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if input_open => {
+                ingest.submit().await.ok();
+                while !ingest.pending.is_empty() {
+                    ack_one(&mut ingest, &mut total, tx).await?;
+                }
+                return Err(Status::unavailable("server is shutting down: every acked frame is durable; reconnect and resend the rest"));
+            }
+            settled = ack_one(&mut ingest, &mut total, tx), if has_pending => settled?,
+            frame = stream.next(), if input_open && !ingest.window_full() => {
+                match frame {
+                    None => {
+                        input_open = false;
+                        ingest.submit().await?;
+                    }
+                    Some(f) => {
+                        ingest.push(f?);
+                        while !ingest.chunk_full() {
+                            match ready_frame(stream) {
+                                Some(Some(f)) => ingest.push(f?),
+                                Some(None) => { input_open = false; break; }
+                                None => break,
+                            }
+                        }
+                        ingest.submit().await?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Settles the oldest chunk and sends its ack.
+async fn ack_one(
+    ingest: &mut StreamIngest,
+    total: &mut Tally,
+    tx: &mpsc::Sender<Result<WriteLogAck, Status>>,
+) -> Result<(), Status> {
+    let mut delta = Tally::default();
+    let Some(through) = ingest.settle_one(&mut delta).await? else {
+        return Ok(());
+    };
+    total.accepted += delta.accepted;
+    total.duplicate += delta.duplicate;
+    total.rejected += delta.rejected;
+    let ack = WriteLogAck {
+        through_index: through,
+        frames_accepted: total.accepted,
+        frames_duplicate: total.duplicate,
+        frames_rejected: total.rejected,
+        sessions: delta.sessions,
+        rejections: delta.rejections,
+    };
+    tx.send(Ok(ack))
+        .await
+        .map_err(|_| Status::cancelled("client went away"))
+}
+
+/// The AdminService implementation.
+pub struct AdminSvc {
+    /// Shared state.
+    pub shared: Shared,
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminSvc {
+    async fn get_stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let s = &self.shared;
+        let w = &s.wal_stats;
+        let segs = s.segments.list();
+        Ok(Response::new(StatsResponse {
+            frames_accepted: s.stats.accepted.load(Ordering::Relaxed),
+            frames_duplicate: s.stats.duplicate.load(Ordering::Relaxed),
+            frames_rejected: s.stats.rejected.load(Ordering::Relaxed),
+            wal_commits: w.commits.load(Ordering::Relaxed),
+            wal_records: w.records.load(Ordering::Relaxed),
+            wal_bytes: w.bytes.load(Ordering::Relaxed),
+            wal_segments: segs.len() as u64,
+            wal_disk_bytes: segs.iter().map(|x| x.bytes).sum(),
+            commit_batch_log2_histogram: w
+                .batch_log2_histogram
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            active_sessions: s.dispatch.active_sessions.load(Ordering::Relaxed),
+            wal_next_lsn: s.dispatch.routed_through.load(Ordering::Relaxed) + 1,
+            wal_removable_below_lsn: s.dispatch.removable_below_lsn.load(Ordering::Relaxed),
+        }))
+    }
+}

@@ -1,0 +1,121 @@
+//! Per-frame validation: the rules that decide whether a frame is accepted,
+//! each with the precise reason a client sees in its `Rejection`.
+
+use prost::Message;
+
+use crate::pb::LogFrame;
+
+/// Longest session id, in bytes.
+pub const SESSION_ID_BYTES_MAX: usize = 128;
+
+/// Whether `id` is a valid session id: `^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$`.
+///
+/// No `/`, no `..` prefix, no leading dot and never empty, so `<LOG_DIR>/<id>…`
+/// always names a file directly inside the log directory.
+pub fn session_id_is_valid(id: &str) -> bool {
+    let b = id.as_bytes();
+    let ok_rest = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-');
+    match b.first() {
+        None => false,
+        Some(first) => {
+            b.len() <= SESSION_ID_BYTES_MAX
+                && (first.is_ascii_alphanumeric() || matches!(first, b'_' | b'-'))
+                && b[1..].iter().all(ok_rest)
+        }
+    }
+}
+
+/// Checks one frame against every rule; `Err` holds the rejection reason.
+pub fn validate(frame: &LogFrame, frame_bytes_max: usize) -> Result<(), String> {
+    if !session_id_is_valid(&frame.session_id) {
+        let shown: String = frame.session_id.chars().take(64).collect();
+        return Err(format!(
+            "invalid session_id {shown:?}: must match ^[A-Za-z0-9_-][A-Za-z0-9._-]{{0,127}}$ \
+             (1-128 characters, no '/', no leading '.')"
+        ));
+    }
+    if frame.version != 0 && frame.version != 1 {
+        return Err(format!("unsupported version {}: must be 0 or 1", frame.version));
+    }
+    if frame.seq < 0 {
+        return Err(format!("invalid seq {}: must be >= 0 (0 = server assigns)", frame.seq));
+    }
+    if let Some(t) = &frame.time
+        && (!(0..1_000_000_000).contains(&t.nanos) || chrono::DateTime::from_timestamp(t.seconds, 0).is_none())
+    {
+        return Err(format!("invalid time {}s {}ns: out of range", t.seconds, t.nanos));
+    }
+    let len = frame.encoded_len();
+    if len > frame_bytes_max {
+        return Err(format!(
+            "frame of {len} bytes exceeds LOG_MAX_FRAME_BYTES {frame_bytes_max}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_that_could_escape_the_log_dir_are_invalid() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            ".hidden",
+            "a\\b",
+            "a b",
+            "é",
+            &"x".repeat(129),
+            "a\0",
+        ] {
+            assert!(!session_id_is_valid(bad), "{bad:?} must be invalid");
+        }
+        for good in [
+            "a",
+            "A-1",
+            "_x",
+            "-x",
+            "a.b",
+            "a..b",
+            &"x".repeat(128),
+            "sess_01.part-2",
+        ] {
+            assert!(session_id_is_valid(good), "{good:?} must be valid");
+        }
+    }
+
+    #[test]
+    fn each_rule_gives_its_own_reason() {
+        let ok = LogFrame {
+            session_id: "s".into(),
+            ..Default::default()
+        };
+        assert!(validate(&ok, 1024).is_ok());
+        let v = LogFrame {
+            version: 2,
+            ..ok.clone()
+        };
+        assert!(validate(&v, 1024).unwrap_err().contains("version 2"));
+        let s = LogFrame { seq: -1, ..ok.clone() };
+        assert!(validate(&s, 1024).unwrap_err().contains("seq -1"));
+        let big = LogFrame {
+            content: "x".repeat(2000),
+            ..ok.clone()
+        };
+        assert!(
+            validate(&big, 1024)
+                .unwrap_err()
+                .contains("exceeds LOG_MAX_FRAME_BYTES 1024")
+        );
+        let t = LogFrame {
+            time: Some(prost_types::Timestamp { seconds: 0, nanos: -1 }),
+            ..ok
+        };
+        assert!(validate(&t, 1024).unwrap_err().contains("time"));
+    }
+}

@@ -1,0 +1,554 @@
+//! The writable log: open with torn-tail repair, buffered appends, commit
+//! (one write + one fdatasync), segment roll and removal, and readers.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::fs::{Fs, FsFile, OpenMode};
+use crate::record::{RECORD_HEADER_BYTES, RecordType, encode_with};
+use crate::segment::{
+    Damage, RecordRef, SEGMENT_HEADER_BYTES, SegmentScan, encode_header, parse_segment_file_name, scan_segment,
+    segment_file_name,
+};
+
+/// Limits of a WAL. Every field is a bound, named with its unit last.
+#[derive(Debug, Clone, Copy)]
+pub struct WalOptions {
+    /// A segment is rolled when the next record would take it past this size.
+    /// Default: 64 MiB. Minimum: 4 KiB.
+    pub segment_bytes_max: u64,
+    /// Largest payload accepted; also the bound a reader trusts a length field
+    /// up to. Default: 4 MiB. Must leave room for one record in a segment.
+    pub record_bytes_max: u32,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_bytes_max: 64 << 20,
+            record_bytes_max: 4 << 20,
+        }
+    }
+}
+
+impl WalOptions {
+    /// Checks the limits against each other.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.segment_bytes_max < 4096 {
+            return Err(format!(
+                "segment_bytes_max {} is below the minimum 4096",
+                self.segment_bytes_max
+            ));
+        }
+        let one = SEGMENT_HEADER_BYTES + RECORD_HEADER_BYTES as u64 + self.record_bytes_max as u64;
+        if one > self.segment_bytes_max {
+            return Err(format!(
+                "record_bytes_max {} does not fit a segment of segment_bytes_max {}",
+                self.record_bytes_max, self.segment_bytes_max
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One segment on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// LSN of its first record.
+    pub first_lsn: u64,
+    /// Its path.
+    pub path: PathBuf,
+    /// Its size in bytes (of the active one: as of the last commit).
+    pub bytes: u64,
+}
+
+/// What [`Wal::open`] found and repaired.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    /// Segments present after open.
+    pub segments: usize,
+    /// The torn tail that was truncated away, if any.
+    pub torn_tail: Option<TornTail>,
+    /// Leftover `*.wal.tmp` files from an interrupted segment creation, removed.
+    pub removed_tmp_files: usize,
+    /// LSN of the oldest record on disk.
+    pub first_lsn: u64,
+    /// LSN the next append gets.
+    pub next_lsn: u64,
+}
+
+/// A torn tail found (and, unless read-only, truncated) on open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// The last segment.
+    pub segment: PathBuf,
+    /// Where valid data ends.
+    pub offset: u64,
+    /// Bytes dropped.
+    pub bytes: u64,
+    /// Why the first dropped record was not valid.
+    pub why: String,
+}
+
+/// Counters of the WAL (shared, cheap to read from any thread).
+#[derive(Debug, Default)]
+pub struct WalStats {
+    /// Commits that wrote and fdatasynced something.
+    pub commits: AtomicU64,
+    /// Records made durable.
+    pub records: AtomicU64,
+    /// Bytes made durable.
+    pub bytes: AtomicU64,
+    /// Commits by records per commit: bucket i counts `[2^i, 2^(i+1))`.
+    pub batch_log2_histogram: [AtomicU64; 24],
+    /// Segments rolled.
+    pub rolls: AtomicU64,
+    /// Segments removed.
+    pub segments_removed: AtomicU64,
+    /// Nanoseconds spent in fdatasync.
+    pub fsync_nanos: AtomicU64,
+}
+
+/// The set of segments, shared between the writer and whoever removes
+/// materialized segments (checkpointing runs on another thread).
+#[derive(Clone)]
+pub struct Segments {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    list: Arc<Mutex<Vec<SegmentInfo>>>,
+    stats: Arc<WalStats>,
+}
+
+impl Segments {
+    /// A snapshot of the segments, oldest first.
+    pub fn list(&self) -> Vec<SegmentInfo> {
+        self.list.lock().unwrap().clone()
+    }
+
+    /// Total bytes of all segments.
+    pub fn disk_bytes(&self) -> u64 {
+        self.list.lock().unwrap().iter().map(|s| s.bytes).sum()
+    }
+
+    /// Deletes every segment whose records all have LSN < `lsn`: a segment
+    /// goes when the next one starts at or below `lsn`. The active (last)
+    /// segment is never removed. Returns how many were removed.
+    pub fn remove_before(&self, lsn: u64) -> Result<usize> {
+        let doomed: Vec<SegmentInfo> = {
+            let list = self.list.lock().unwrap();
+            let mut doomed = Vec::new();
+            for pair in list.windows(2) {
+                if pair[1].first_lsn <= lsn {
+                    doomed.push(pair[0].clone());
+                } else {
+                    break;
+                }
+            }
+            doomed
+        };
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        for seg in &doomed {
+            self.fs.remove_file(&seg.path).map_err(Error::io("unlink", &seg.path))?;
+        }
+        // The unlinks must be durable before anything relies on them being
+        // gone; nothing does today, but a half-done removal on a crash would
+        // leave old segments that recovery simply reads again (idempotent).
+        self.fs.sync_dir(&self.dir).map_err(Error::io("fsync dir", &self.dir))?;
+        let mut list = self.list.lock().unwrap();
+        list.retain(|s| !doomed.iter().any(|d| d.first_lsn == s.first_lsn));
+        self.stats
+            .segments_removed
+            .fetch_add(doomed.len() as u64, Ordering::Relaxed);
+        Ok(doomed.len())
+    }
+}
+
+/// Result of a successful [`Wal::commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// Records made durable by this commit.
+    pub records: u64,
+    /// Bytes written by this commit.
+    pub bytes: u64,
+    /// Every record with LSN < this is durable.
+    pub durable_lsn_end: u64,
+}
+
+/// A writable WAL. One owner appends and commits; see the crate docs.
+///
+/// # Invariants
+/// - `buf` holds whole records with LSNs `[buf_first_lsn, next_lsn)`, to be
+///   written at `write_offset` of the active segment.
+/// - Everything before `write_offset` in the active segment is written (and,
+///   after a successful commit, fdatasynced).
+/// - Once `poisoned` is set it stays set: no append or commit succeeds again.
+pub struct Wal {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    opts: WalOptions,
+    segments: Segments,
+    active: Box<dyn FsFile>,
+    active_path: PathBuf,
+    write_offset: u64,
+    buf: Vec<u8>,
+    buf_records: u64,
+    next_lsn: u64,
+    poisoned: Option<String>,
+    stats: Arc<WalStats>,
+}
+
+fn list_segments(fs: &dyn Fs, dir: &Path) -> Result<(Vec<(u64, PathBuf)>, Vec<PathBuf>)> {
+    let mut segs = Vec::new();
+    let mut tmps = Vec::new();
+    for path in fs.list_dir(dir).map_err(Error::io("list", dir))? {
+        if let Some(lsn) = parse_segment_file_name(&path) {
+            segs.push((lsn, path));
+        } else if path.extension().is_some_and(|e| e == "tmp") {
+            tmps.push(path);
+        }
+    }
+    segs.sort();
+    Ok((segs, tmps))
+}
+
+/// Creates a segment the crash-safe way: write the header to `<name>.tmp`,
+/// fdatasync it, rename it into place, fsync the directory. A crash at any
+/// point leaves either no segment or a complete, empty one.
+fn create_segment(fs: &dyn Fs, dir: &Path, first_lsn: u64) -> Result<(Box<dyn FsFile>, PathBuf)> {
+    let path = dir.join(segment_file_name(first_lsn));
+    let tmp = dir.join(format!("{}.tmp", segment_file_name(first_lsn)));
+    let file = fs
+        .open(&tmp, OpenMode::CreateTruncate)
+        .map_err(Error::io("create", &tmp))?;
+    file.write_all_at(&encode_header(first_lsn), 0)
+        .map_err(Error::io("write", &tmp))?;
+    file.sync_data().map_err(Error::io("fdatasync", &tmp))?;
+    fs.rename(&tmp, &path).map_err(Error::io("rename", &tmp))?;
+    fs.sync_dir(dir).map_err(Error::io("fsync dir", dir))?;
+    Ok((file, path))
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `dir`, truncating a torn tail of the last
+    /// segment. Mid-log corruption in the last segment is an error; damage in
+    /// older segments is found by readers (recovery reads everything).
+    pub fn open(fs: Arc<dyn Fs>, dir: &Path, opts: WalOptions) -> Result<(Wal, OpenReport)> {
+        opts.validate().map_err(|why| Error::BadHeader {
+            segment: dir.to_path_buf(),
+            why,
+        })?;
+        let fresh_dir = !fs.exists(dir);
+        fs.create_dir_all(dir).map_err(Error::io("mkdir", dir))?;
+        if fresh_dir && let Some(parent) = dir.parent() {
+            fs.sync_dir(parent).map_err(Error::io("fsync dir", parent))?;
+        }
+        let mut report = OpenReport::default();
+        let (mut segs, tmps) = list_segments(fs.as_ref(), dir)?;
+        for tmp in &tmps {
+            fs.remove_file(tmp).map_err(Error::io("unlink", tmp))?;
+        }
+        report.removed_tmp_files = tmps.len();
+        if !tmps.is_empty() {
+            fs.sync_dir(dir).map_err(Error::io("fsync dir", dir))?;
+        }
+        let stats = Arc::new(WalStats::default());
+        let (active, active_path, write_offset, next_lsn) = match segs.last() {
+            None => {
+                let (file, path) = create_segment(fs.as_ref(), dir, 1)?;
+                segs.push((1, path.clone()));
+                (file, path, SEGMENT_HEADER_BYTES, 1)
+            }
+            Some((_, path)) => {
+                let path = path.clone();
+                let file = fs.open(&path, OpenMode::ReadWrite).map_err(Error::io("open", &path))?;
+                let scan = scan_segment(&path, file.as_ref(), true, opts.record_bytes_max, u64::MAX, |_| Ok(()))?;
+                if let Some(err) = scan.corruption() {
+                    return Err(err);
+                }
+                if let Some(Damage::Torn { offset, bytes, why }) = &scan.damage {
+                    warn!(segment = %path.display(), offset, bytes, %why, "wal: truncating torn tail");
+                    file.set_len(*offset).map_err(Error::io("truncate", &path))?;
+                    file.sync_data().map_err(Error::io("fdatasync", &path))?;
+                    report.torn_tail = Some(TornTail {
+                        segment: path.clone(),
+                        offset: *offset,
+                        bytes: *bytes,
+                        why: why.to_string(),
+                    });
+                }
+                (file, path, scan.valid_end, scan.next_lsn)
+            }
+        };
+        let mut infos = Vec::with_capacity(segs.len());
+        for (lsn, path) in &segs {
+            let bytes = if *path == active_path {
+                write_offset
+            } else {
+                fs.open(path, OpenMode::Read)
+                    .and_then(|f| f.len())
+                    .map_err(Error::io("stat", path))?
+            };
+            infos.push(SegmentInfo {
+                first_lsn: *lsn,
+                path: path.clone(),
+                bytes,
+            });
+        }
+        report.segments = infos.len();
+        report.first_lsn = infos.first().map_or(next_lsn, |s| s.first_lsn);
+        report.next_lsn = next_lsn;
+        info!(dir = %dir.display(), segments = infos.len(), next_lsn, "wal: opened");
+        let segments = Segments {
+            fs: fs.clone(),
+            dir: dir.to_path_buf(),
+            list: Arc::new(Mutex::new(infos)),
+            stats: stats.clone(),
+        };
+        let wal = Wal {
+            fs,
+            dir: dir.to_path_buf(),
+            opts,
+            segments,
+            active,
+            active_path,
+            write_offset,
+            buf: Vec::with_capacity(1 << 20),
+            buf_records: 0,
+            next_lsn,
+            poisoned: None,
+            stats,
+        };
+        Ok((wal, report))
+    }
+
+    /// The LSN the next append gets.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    /// The options the WAL was opened with.
+    pub fn options(&self) -> &WalOptions {
+        &self.opts
+    }
+
+    /// A handle on the segment set (for removal and listing).
+    pub fn segments(&self) -> Segments {
+        self.segments.clone()
+    }
+
+    /// The WAL's counters.
+    pub fn stats(&self) -> Arc<WalStats> {
+        self.stats.clone()
+    }
+
+    /// The WAL directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Records an I/O failure: from now on the WAL refuses everything.
+    fn poison(&mut self, err: Error) -> Error {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(err.to_string());
+        }
+        err
+    }
+
+    /// Appends a record whose payload `encode` writes into the batch buffer.
+    /// The record is not durable until [`Wal::commit`] returns Ok.
+    pub fn append_with(&mut self, kind: RecordType, encode: impl FnOnce(&mut Vec<u8>)) -> Result<u64> {
+        self.check_poisoned()?;
+        let start = self.buf.len();
+        let lsn = self.next_lsn;
+        let n = encode_with(&mut self.buf, lsn, kind, encode);
+        let payload = n - RECORD_HEADER_BYTES;
+        if payload > self.opts.record_bytes_max as usize {
+            self.buf.truncate(start);
+            return Err(Error::RecordTooLarge {
+                bytes: payload,
+                limit: self.opts.record_bytes_max,
+            });
+        }
+        let end = self.write_offset + self.buf.len() as u64;
+        let segment_has_records = self.write_offset + start as u64 > SEGMENT_HEADER_BYTES;
+        if end > self.opts.segment_bytes_max && segment_has_records {
+            // A record never spans segments: finish this one without it.
+            if let Err(e) = self.roll(start) {
+                return Err(self.poison(e));
+            }
+        }
+        self.next_lsn += 1;
+        self.buf_records += 1;
+        Ok(lsn)
+    }
+
+    /// Appends a record with a ready payload.
+    pub fn append(&mut self, kind: RecordType, payload: &[u8]) -> Result<u64> {
+        self.append_with(kind, |b| b.extend_from_slice(payload))
+    }
+
+    /// Writes `buf[..keep_from]` to the active segment, fdatasyncs it, and
+    /// starts a new segment holding `buf[keep_from..]` (one pending record).
+    fn roll(&mut self, keep_from: usize) -> Result<()> {
+        self.active
+            .write_all_at(&self.buf[..keep_from], self.write_offset)
+            .map_err(Error::io("write", &self.active_path))?;
+        self.active
+            .sync_data()
+            .map_err(Error::io("fdatasync", &self.active_path))?;
+        let sealed_bytes = self.write_offset + keep_from as u64;
+        let (file, path) = create_segment(self.fs.as_ref(), &self.dir, self.next_lsn)?;
+        {
+            let mut list = self.segments.list.lock().unwrap();
+            if let Some(last) = list.last_mut() {
+                last.bytes = sealed_bytes;
+            }
+            list.push(SegmentInfo {
+                first_lsn: self.next_lsn,
+                path: path.clone(),
+                bytes: SEGMENT_HEADER_BYTES,
+            });
+        }
+        self.active = file;
+        self.active_path = path;
+        self.write_offset = SEGMENT_HEADER_BYTES;
+        self.buf.drain(..keep_from);
+        self.stats.rolls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes every pending record with one write and makes it durable with
+    /// one fdatasync. On error the WAL is poisoned.
+    ///
+    /// Why no retry: after a failed fsync Linux may mark the dirty pages clean
+    /// and report success to the next fsync though the data never reached the
+    /// disk (PostgreSQL's "fsyncgate"). The only safe answer is to fail every
+    /// waiter of this batch, accept nothing more, and let the restart's
+    /// recovery decide from what is really on disk.
+    pub fn commit(&mut self) -> Result<CommitInfo> {
+        self.check_poisoned()?;
+        if self.buf_records == 0 {
+            return Ok(CommitInfo {
+                records: 0,
+                bytes: 0,
+                durable_lsn_end: self.next_lsn,
+            });
+        }
+        let bytes = self.buf.len() as u64;
+        if let Err(e) = self.active.write_all_at(&self.buf, self.write_offset) {
+            return Err(self.poison(Error::io("write", &self.active_path)(e)));
+        }
+        let t = std::time::Instant::now();
+        if let Err(e) = self.active.sync_data() {
+            return Err(self.poison(Error::io("fdatasync", &self.active_path)(e)));
+        }
+        self.stats
+            .fsync_nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.write_offset += bytes;
+        let records = self.buf_records;
+        self.buf.clear();
+        self.buf_records = 0;
+        if let Some(last) = self.segments.list.lock().unwrap().last_mut() {
+            last.bytes = self.write_offset;
+        }
+        let s = &self.stats;
+        s.commits.fetch_add(1, Ordering::Relaxed);
+        s.records.fetch_add(records, Ordering::Relaxed);
+        s.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let bucket = (63 - records.leading_zeros() as usize).min(s.batch_log2_histogram.len() - 1);
+        s.batch_log2_histogram[bucket].fetch_add(1, Ordering::Relaxed);
+        Ok(CommitInfo {
+            records,
+            bytes,
+            durable_lsn_end: self.next_lsn,
+        })
+    }
+}
+
+/// What a full read of the WAL saw.
+#[derive(Debug, Clone, Default)]
+pub struct ReadSummary {
+    /// Per segment, oldest first.
+    pub segments: Vec<SegmentScan>,
+    /// Records passed to the visitor.
+    pub records_visited: u64,
+    /// Bytes of payload passed to the visitor.
+    pub payload_bytes_visited: u64,
+}
+
+/// Reads every record with LSN >= `from_lsn`, in LSN order, with bounded
+/// memory. Damage anywhere but the tail of the last segment is an error; a
+/// torn tail of the last segment ends the read (it is reported in the
+/// summary; [`Wal::open`] truncates it).
+pub fn read_from(
+    fs: &dyn Fs,
+    dir: &Path,
+    from_lsn: u64,
+    record_bytes_max: u32,
+    mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
+) -> Result<ReadSummary> {
+    let (segs, _) = list_segments(fs, dir)?;
+    let mut summary = ReadSummary::default();
+    let mut expected: Option<u64> = None;
+    for (i, (first_lsn, path)) in segs.iter().enumerate() {
+        let is_last = i + 1 == segs.len();
+        if let Some(next) = segs.get(i + 1)
+            && next.0 <= from_lsn
+        {
+            continue; // every record here is below from_lsn
+        }
+        if let Some(exp) = expected
+            && exp != *first_lsn
+        {
+            return Err(Error::Gap {
+                segment: path.clone(),
+                expected: exp,
+                found: *first_lsn,
+            });
+        }
+        let file = fs.open(path, OpenMode::Read).map_err(Error::io("open", path))?;
+        let scan = scan_segment(path, file.as_ref(), is_last, record_bytes_max, from_lsn, |r| {
+            summary.records_visited += 1;
+            summary.payload_bytes_visited += r.payload.len() as u64;
+            visit(r)
+        })?;
+        if let Some(err) = scan.corruption() {
+            return Err(err);
+        }
+        expected = Some(scan.next_lsn);
+        summary.segments.push(scan);
+    }
+    Ok(summary)
+}
+
+/// Scans every segment without stopping at damage (for `logd wal verify`).
+pub fn verify(fs: &dyn Fs, dir: &Path, record_bytes_max: u32) -> Result<Vec<SegmentScan>> {
+    let (segs, _) = list_segments(fs, dir)?;
+    let mut out = Vec::with_capacity(segs.len());
+    for (i, (_, path)) in segs.iter().enumerate() {
+        let file = fs.open(path, OpenMode::Read).map_err(Error::io("open", path))?;
+        out.push(scan_segment(
+            path,
+            file.as_ref(),
+            i + 1 == segs.len(),
+            record_bytes_max,
+            u64::MAX,
+            |_| Ok(()),
+        )?);
+    }
+    Ok(out)
+}
