@@ -196,7 +196,8 @@ impl SessionFile {
     /// Renders `frame` (taken from WAL record `lsn`) into the pending buffer,
     /// unless the session already holds its seq. Returns whether it was new.
     pub fn append(&mut self, lsn: u64, frame: &LogFrame) -> bool {
-        debug_assert!(lsn >= self.last_lsn, "records arrive in LSN order");
+        // Replay starts at the WAL's oldest record, which may be older than
+        // the checkpoint: such records are skipped by seq below.
         self.last_lsn = self.last_lsn.max(lsn);
         if frame.seq <= self.last_seq {
             return false;

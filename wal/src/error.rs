@@ -65,6 +65,10 @@ pub enum Error {
         /// The limit.
         limit: u32,
     },
+    /// An empty payload was appended: the format requires 1 ..= record_bytes_max
+    /// bytes, and a reader resynchronizing after damage skips len-0 headers.
+    #[error("wal: empty record (a payload holds at least 1 byte)")]
+    EmptyRecord,
     /// A previous write or fsync failed: the WAL accepts nothing more until
     /// it is reopened (after a restart, recovery decides what is durable).
     #[error("wal: refusing appends after an earlier failure: {0}")]

@@ -29,6 +29,7 @@ pub enum OpenMode {
 }
 
 /// An open file with explicit offsets (no shared cursor, no `O_APPEND`).
+#[allow(clippy::len_without_is_empty)] // `len` is a fallible stat, not a collection size
 pub trait FsFile: Send + Sync {
     /// Reads up to `buf.len()` bytes at `offset`; returns 0 at end of file.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
@@ -129,6 +130,13 @@ impl Fs for RealFs {
         std::fs::remove_file(path)
     }
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        // The parent of a relative single-component path is the empty path,
+        // which names the current directory here (open("") fails).
+        let path = if path.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            path
+        };
         File::open(path)?.sync_all()
     }
     fn exists(&self, path: &Path) -> bool {

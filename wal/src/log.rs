@@ -203,7 +203,11 @@ pub struct Wal {
     stats: Arc<WalStats>,
 }
 
-fn list_segments(fs: &dyn Fs, dir: &Path) -> Result<(Vec<(u64, PathBuf)>, Vec<PathBuf>)> {
+/// The segments of a directory as (first LSN, path) sorted by LSN, and its
+/// leftover `*.tmp` files.
+type Listing = (Vec<(u64, PathBuf)>, Vec<PathBuf>);
+
+fn list_segments(fs: &dyn Fs, dir: &Path) -> Result<Listing> {
     let mut segs = Vec::new();
     let mut tmps = Vec::new();
     for path in fs.list_dir(dir).map_err(Error::io("list", dir))? {
@@ -243,9 +247,19 @@ impl Wal {
             segment: dir.to_path_buf(),
             why,
         })?;
-        let fresh_dir = !fs.exists(dir);
+        // Each directory created here is durable only once the directory
+        // holding it is fsynced, up to the first one that already existed.
+        let mut created = Vec::new();
+        let mut missing = Some(dir);
+        while let Some(d) = missing
+            && !d.as_os_str().is_empty()
+            && !fs.exists(d)
+        {
+            created.push(d);
+            missing = d.parent();
+        }
         fs.create_dir_all(dir).map_err(Error::io("mkdir", dir))?;
-        if fresh_dir && let Some(parent) = dir.parent() {
+        for parent in created.iter().filter_map(|d| d.parent()) {
             fs.sync_dir(parent).map_err(Error::io("fsync dir", parent))?;
         }
         let mut report = OpenReport::default();
@@ -381,6 +395,10 @@ impl Wal {
                 bytes: payload,
                 limit: self.opts.record_bytes_max,
             });
+        }
+        if payload == 0 {
+            self.buf.truncate(start);
+            return Err(Error::EmptyRecord);
         }
         let end = self.write_offset + self.buf.len() as u64;
         let segment_has_records = self.write_offset + start as u64 > SEGMENT_HEADER_BYTES;

@@ -1,0 +1,79 @@
+//! A segmented, CRC-checked write-ahead log with group commit and torn-tail
+//! repair. No gRPC and no async runtime: logd's durability lives here.
+//!
+//! # Design constraints
+//! - Every record is checksummed (masked CRC32 over LSN, type and payload).
+//! - Records are written sequentially and never span two segment files.
+//! - A record is durable only after the `fdatasync` of a commit that covered
+//!   it returned Ok; nothing may be acknowledged earlier.
+//! - An I/O error from `write` or `fdatasync` poisons the WAL: no retry, no
+//!   further appends until a restart reopens it (see [`Wal::commit`]).
+//! - All file operations go through [`fs::Fs`], so tests can simulate a power
+//!   cut that loses whatever was not fsynced.
+//! - [`sim::SimFs`] simulates that power cut deterministically (seeded
+//!   crashes, torn writes, injected `EIO`).
+//!
+//! # Segment files
+//! `<dir>/<first LSN as 16 lowercase hex digits>.wal`, so names sort by LSN.
+//! A segment is rolled when the next record would take it past
+//! `segment_bytes_max`. A new segment is created as `<name>.tmp`, its header
+//! written and fdatasynced, renamed into place, and the directory fsynced; a
+//! leftover `*.tmp` is deleted on open. The previous segment is fdatasynced
+//! before the new one is created, so only the last segment can hold bytes
+//! that were never synced.
+//!
+//! ```text
+//! segment header (32 bytes)
+//!   0  magic      [u8; 8]  "LOGDWAL1"
+//!   8  version    u32 LE   1
+//!  12  header_len u32 LE   32
+//!  16  first_lsn  u64 LE   LSN of the first record in this file
+//!  24  crc        u32 LE   crc32 of bytes 0..24
+//!  28  reserved   u32      0
+//!
+//! record (17-byte header + payload), repeated to the end of the file
+//!   0  len        u32 LE   payload bytes (1 ..= record_bytes_max)
+//!   4  crc        u32 LE   masked crc32(lsn || type || payload)
+//!   8  lsn        u64 LE   the previous record's LSN + 1
+//!  16  type       u8       1 = Frame
+//!  17  payload    [u8; len]
+//! ```
+//! LSNs number records (not bytes) from 1 and never repeat; the LSN inside
+//! each record means a stale or misplaced record can never pass as the next
+//! one. CRC masking is LevelDB's: `rotr(crc, 15) + 0xa282ead8`.
+//!
+//! # What opening and reading tolerate
+//! Scanning stops at the first record that is truncated, zeroed, too long,
+//! of an unknown type, out of LSN order or fails its CRC. Then:
+//! - in the **last** segment, if no valid record follows, or the bad region
+//!   holds a zeroed header or a zeroed 512-byte sector (a write that never
+//!   reached the disk, as etcd's `isTornEntry` reasons), it is a **torn
+//!   tail**: [`Wal::open`] truncates it, fdatasyncs, and reports segment,
+//!   offset and bytes dropped. Only bytes that were never fsynced can be torn
+//!   this way, since every commit syncs everything before it;
+//! - otherwise it is **corruption** ([`Error::Corruption`]) naming segment,
+//!   offset and how many valid records lie beyond; nothing is skipped.
+//!
+//! Caveat (shared with etcd): a frame whose payload holds a whole aligned
+//! 512-byte run of zeros, later hit by real corruption, can be taken for torn.
+//!
+//! # Group commit
+//! [`GroupCommit`] runs one committer thread: it drains the queue, stages
+//! each request's records into one buffer, issues one `write` and one
+//! `fdatasync`, and settles every request of the batch.
+
+pub mod error;
+pub mod fs;
+pub mod group;
+pub mod log;
+pub mod record;
+pub mod segment;
+pub mod sim;
+
+pub use error::{Error, Result};
+pub use group::{GroupCommit, Stage, Submitter};
+pub use log::{
+    CommitInfo, OpenReport, ReadSummary, SegmentInfo, Segments, TornTail, Wal, WalOptions, WalStats, read_from, verify,
+};
+pub use record::RecordType;
+pub use segment::{BadRecord, Damage, RecordRef, SegmentScan};
