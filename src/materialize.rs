@@ -135,10 +135,12 @@ pub struct SessionFile {
 
 impl SessionFile {
     /// Opens (creating if needed) the session's `.logtmp` and brings it to a
-    /// consistent end: with a checkpoint, bytes past its offset were never
-    /// acknowledged as materialized and are cut (the WAL still holds those
-    /// frames); without one, the file is scanned and cut after its last whole,
-    /// in-order line.
+    /// consistent end. Bytes up to the checkpoint's offset were fdatasynced
+    /// and are trusted; after it, whole valid lines with increasing seqs are
+    /// kept (written but maybe not synced: they are acked frames, and replay
+    /// skips them by seq) and the file is cut at the first torn, zeroed or
+    /// out-of-order line. A checkpoint that is stale (lost flush) or past the
+    /// end of the file never cuts good lines: the scan then starts earlier.
     pub fn open(
         fs: Arc<dyn Fs>,
         dir: &Path,
@@ -150,19 +152,19 @@ impl SessionFile {
         let file = fs.open(&path, OpenMode::CreateOrOpen)?;
         let len = file.len()?;
         let mut repair = OpenRepair::default();
-        let (end, last_seq, last_lsn) = match ckpt {
+        let (start, seq_floor, last_lsn) = match ckpt {
             Some(c) if c.offset <= len => (c.offset, c.last_seq, c.last_lsn),
-            other => {
-                repair.scanned = true;
-                let (end, scanned_last) = scan_valid_prefix(file.as_ref(), len)?;
-                let last = if scanned_last > 0 {
-                    scanned_last
-                } else {
-                    other.map_or(0, |c| c.last_seq)
-                };
-                (end, last, other.map_or(0, |c| c.last_lsn))
-            }
+            Some(c) => (0, 0, c.last_lsn),
+            None => (0, 0, 0),
         };
+        let (end, scanned_last) = if start < len {
+            repair.scanned = true;
+            scan_valid_lines(file.as_ref(), start, len, if start > 0 { seq_floor } else { 0 })?
+        } else {
+            (start, 0)
+        };
+        // The checkpoint's seq also covers rotated files, so it is a floor.
+        let last_seq = scanned_last.max(ckpt.map_or(0, |c| c.last_seq));
         if end < len {
             file.set_len(end)?;
             file.sync_data()?;
@@ -174,7 +176,7 @@ impl SessionFile {
             path,
             file,
             offset: end,
-            synced_offset: end,
+            synced_offset: start.min(end),
             last_seq,
             last_lsn,
             pending: Vec::with_capacity(64 << 10),
@@ -248,35 +250,42 @@ impl SessionFile {
     }
 }
 
-/// The end of the longest prefix of whole lines with increasing seqs, and
-/// the last seq in it. Reads in chunks (bounded memory).
-fn scan_valid_prefix(file: &dyn FsFile, len: u64) -> io::Result<(u64, i64)> {
+/// From `start`, the end of the longest run of whole, valid JSON lines with
+/// seqs increasing above `seq_floor`, and the last seq in it (0 if none).
+/// Reads in chunks (bounded memory).
+fn scan_valid_lines(file: &dyn FsFile, start: u64, len: u64, seq_floor: i64) -> io::Result<(u64, i64)> {
     const CHUNK: usize = 1 << 20;
-    let mut end = 0u64;
+    let mut end = start;
+    let mut floor = seq_floor;
     let mut last = 0i64;
     let mut carry: Vec<u8> = Vec::new();
-    let mut pos = 0u64;
+    let mut pos = start;
     let mut buf = vec![0u8; CHUNK];
     while pos < len {
         let n = ((len - pos) as usize).min(CHUNK);
         file.read_exact_at(&mut buf[..n], pos)?;
         pos += n as u64;
         carry.extend_from_slice(&buf[..n]);
-        let mut start = 0;
-        while let Some(nl) = carry[start..].iter().position(|&b| b == b'\n') {
-            let line = &carry[start..start + nl];
+        let mut at = 0;
+        while let Some(nl) = carry[at..].iter().position(|&b| b == b'\n') {
+            let line = &carry[at..at + nl];
             match line_seq(line) {
-                Some(seq) if seq > last && !line.contains(&0) => {
+                Some(seq) if seq > floor && is_json(line) => {
+                    floor = seq;
                     last = seq;
                     end += (nl + 1) as u64;
                 }
                 _ => return Ok((end, last)),
             }
-            start += nl + 1;
+            at += nl + 1;
         }
-        carry.drain(..start);
+        carry.drain(..at);
     }
     Ok((end, last))
+}
+
+fn is_json(line: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
 }
 
 /// The recovery side of materialization: replays WAL records into session

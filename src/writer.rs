@@ -61,10 +61,85 @@ pub struct DispatchStats {
 struct WriterHandle {
     tx: mpsc::Sender<Vec<(u64, LogFrame)>>,
     join: JoinHandle<()>,
-    /// LSN of the last frame routed to this writer.
+}
+
+/// Which WAL records are materialized and checkpointed, so the segments
+/// holding only such records can be deleted. Pure bookkeeping: the
+/// dispatcher and the power-loss simulation drive the same code.
+///
+/// # Invariants
+/// - Every record below [`CheckpointTracker::safe_lsn`] is in its session's
+///   file, fdatasynced, and covered by a checkpoint that was written (the
+///   caller flushes the store before deleting segments).
+/// - Records are routed in LSN order, so a record not yet routed has an LSN
+///   above `routed_through`.
+#[derive(Debug, Default)]
+pub struct CheckpointTracker {
+    sessions: HashMap<String, Track>,
+    routed_through: u64,
+}
+
+#[derive(Debug, Default)]
+struct Track {
+    /// LSN of the last record routed to the session.
     routed_lsn: u64,
     /// Lowest LSN that may not be checkpointed yet (None: all checkpointed).
     pending_from: Option<u64>,
+}
+
+impl CheckpointTracker {
+    /// A tracker for a WAL whose records below `start_lsn` are all materialized.
+    pub fn new(start_lsn: u64) -> Self {
+        CheckpointTracker {
+            sessions: HashMap::new(),
+            routed_through: start_lsn.saturating_sub(1),
+        }
+    }
+
+    /// Records LSNs `first..=last` (some of them) routed to `session`.
+    pub fn routed(&mut self, session: &str, first: u64, last: u64) {
+        debug_assert!(
+            first <= last && first > self.routed_through,
+            "records are routed in LSN order"
+        );
+        let t = match self.sessions.get_mut(session) {
+            Some(t) => t,
+            None => self.sessions.entry(session.to_owned()).or_default(),
+        };
+        t.routed_lsn = last;
+        t.pending_from.get_or_insert(first);
+    }
+
+    /// Every record up to `lsn` has been routed.
+    pub fn routed_through(&mut self, lsn: u64) {
+        debug_assert!(lsn >= self.routed_through, "routing never goes back");
+        self.routed_through = lsn;
+    }
+
+    /// The session's checkpoint now covers every record it got up to `lsn`.
+    pub fn checkpointed(&mut self, session: &str, lsn: u64) {
+        if let Some(t) = self.sessions.get_mut(session) {
+            t.pending_from = if lsn >= t.routed_lsn { None } else { Some(lsn + 1) };
+        }
+    }
+
+    /// Every record below the returned LSN is materialized and checkpointed.
+    pub fn safe_lsn(&self) -> u64 {
+        let pending = self.sessions.values().filter_map(|t| t.pending_from).min();
+        pending.unwrap_or(u64::MAX).min(self.routed_through + 1)
+    }
+
+    /// LSN of the last record routed.
+    pub fn last_routed(&self) -> u64 {
+        self.routed_through
+    }
+
+    /// Stops tracking a session with nothing pending (its writer stopped).
+    pub fn forget(&mut self, session: &str) {
+        if self.sessions.get(session).is_some_and(|t| t.pending_from.is_none()) {
+            self.sessions.remove(session);
+        }
+    }
 }
 
 /// A writer's report: the session's checkpoint now covers records up to `lsn`.
@@ -85,7 +160,7 @@ pub async fn run_dispatcher(
 ) {
     let (ckpt_tx, mut ckpt_rx) = mpsc::unbounded_channel::<CheckpointReport>();
     let mut writers: HashMap<String, WriterHandle> = HashMap::new();
-    let mut routed_through = start_lsn.saturating_sub(1);
+    let mut tracker = CheckpointTracker::new(start_lsn);
     let mut removed_below = 0u64;
     let mut tick = tokio::time::interval(cfg.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -94,14 +169,14 @@ pub async fn run_dispatcher(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(batch) = msg else { break };
-                route(&cfg, &mut writers, batch.frames, &ckpt_tx, &mut routed_through).await;
+                route(&cfg, &mut writers, &mut tracker, batch.frames, &ckpt_tx).await;
                 budget.add_permits(batch.budget_units as usize);
-                stats.routed_through.store(routed_through, Ordering::Relaxed);
+                stats.routed_through.store(tracker.last_routed(), Ordering::Relaxed);
                 stats.active_sessions.store(writers.len() as u64, Ordering::Relaxed);
             }
-            Some(report) = ckpt_rx.recv() => apply_report(&mut writers, report),
+            Some(report) = ckpt_rx.recv() => tracker.checkpointed(&report.session, report.lsn),
             _ = tick.tick() => {
-                let safe = safe_lsn(&writers, routed_through);
+                let safe = tracker.safe_lsn();
                 stats.removable_below_lsn.store(safe, Ordering::Relaxed);
                 if let Some(h) = &removal && h.is_finished() {
                     removed_below = removal.take().unwrap().await.unwrap_or(removed_below);
@@ -119,13 +194,13 @@ pub async fn run_dispatcher(
             error!("session writer panicked: {e}");
         }
     }
-    while let Ok(report) = ckpt_rx.try_recv() {
-        debug!(session = report.session, lsn = report.lsn, "final checkpoint");
-    }
     if let Some(h) = removal {
         let _ = h.await;
     }
-    let _ = spawn_removal(cfg.meta.clone(), segments, routed_through + 1).await;
+    while let Ok(report) = ckpt_rx.try_recv() {
+        tracker.checkpointed(&report.session, report.lsn);
+    }
+    let _ = spawn_removal(cfg.meta.clone(), segments, tracker.safe_lsn()).await;
 }
 
 /// Flushes the checkpoint store, then deletes segments below `safe`.
@@ -138,6 +213,7 @@ fn spawn_removal(meta: Arc<dyn MetaStore>, segments: Segments, safe: u64) -> Joi
             error!("meta store flush failed, keeping WAL segments: {e}");
             return 0;
         }
+        wal::crash_point!("dispatcher::after_meta_flush");
         match segments.remove_before(safe) {
             Ok(n) => {
                 if n > 0 {
@@ -153,32 +229,12 @@ fn spawn_removal(meta: Arc<dyn MetaStore>, segments: Segments, safe: u64) -> Joi
     })
 }
 
-fn apply_report(writers: &mut HashMap<String, WriterHandle>, report: CheckpointReport) {
-    if let Some(w) = writers.get_mut(&report.session) {
-        w.pending_from = if report.lsn >= w.routed_lsn {
-            None
-        } else {
-            Some(report.lsn + 1)
-        };
-    }
-}
-
-/// Every record below the returned LSN is materialized and checkpointed.
-fn safe_lsn(writers: &HashMap<String, WriterHandle>, routed_through: u64) -> u64 {
-    writers
-        .values()
-        .filter_map(|w| w.pending_from)
-        .min()
-        .unwrap_or(u64::MAX)
-        .min(routed_through + 1)
-}
-
 async fn route(
     cfg: &WriterConfig,
     writers: &mut HashMap<String, WriterHandle>,
+    tracker: &mut CheckpointTracker,
     frames: Vec<(u64, LogFrame)>,
     ckpt_tx: &mpsc::UnboundedSender<CheckpointReport>,
-    routed_through: &mut u64,
 ) {
     let Some(&(last_lsn, _)) = frames.last() else { return };
     let mut by_session: HashMap<String, Vec<(u64, LogFrame)>> = HashMap::new();
@@ -191,23 +247,15 @@ async fn route(
         }
     }
     for (session, batch) in by_session {
-        let first = batch[0].0;
-        let last = batch[batch.len() - 1].0;
+        tracker.routed(&session, batch[0].0, batch[batch.len() - 1].0);
         let w = match writers.get_mut(&session) {
             Some(w) => w,
             None => {
                 let (tx, rx) = mpsc::channel(WRITER_QUEUE_MAX);
                 let join = tokio::spawn(run_writer(cfg.clone(), session.clone(), rx, ckpt_tx.clone()));
-                writers.entry(session.clone()).or_insert(WriterHandle {
-                    tx,
-                    join,
-                    routed_lsn: 0,
-                    pending_from: None,
-                })
+                writers.entry(session.clone()).or_insert(WriterHandle { tx, join })
             }
         };
-        w.routed_lsn = last;
-        w.pending_from.get_or_insert(first);
         if w.tx.send(batch).await.is_err() {
             error!(
                 session,
@@ -215,7 +263,7 @@ async fn route(
             );
         }
     }
-    *routed_through = last_lsn;
+    tracker.routed_through(last_lsn);
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -275,6 +323,7 @@ async fn run_writer(
                     error!(session, "write to {} failed: {e}; session stops until restart", sf.path().display());
                     failed = true;
                 }
+                wal::crash_point!("writer::after_write");
                 dirty = true;
             }
             _ = tick.tick(), if dirty && !failed => {
@@ -308,10 +357,12 @@ fn checkpoint(
 ) -> bool {
     match synced {
         Ok(ckpt) => {
+            wal::crash_point!("writer::after_fsync");
             if let Err(e) = cfg.meta.put_checkpoint(session, &ckpt) {
                 error!(session, "checkpoint write failed: {e}");
                 return false;
             }
+            wal::crash_point!("writer::after_checkpoint_put");
             let _ = ckpt_tx.send(CheckpointReport {
                 session: session.to_owned(),
                 lsn: ckpt.last_lsn,

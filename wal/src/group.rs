@@ -114,6 +114,7 @@ impl<S: Stage> GroupCommit<S> {
                         staged.push(stage.stage(req, &mut wal));
                     }
                     let result = wal.commit();
+                    crate::crash_point!("wal::commit::after_fsync");
                     stage.settle(std::mem::take(&mut staged), result.as_ref());
                 }
                 (wal, stage)

@@ -62,6 +62,23 @@
 //! each request's records into one buffer, issues one `write` and one
 //! `fdatasync`, and settles every request of the batch.
 
+/// Aborts the process at a named crash point when the `failpoints` feature
+/// is on and `FAILPOINTS` names it with the `return` action (for example
+/// `FAILPOINTS='wal::commit::after_write=3*off->return'`). Without the
+/// feature it compiles to nothing, so release builds pay no cost.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:expr) => {
+        $crate::fail::fail_point!($name, |_| {
+            eprintln!("logd: crash point {} hit: aborting", $name);
+            std::process::abort()
+        })
+    };
+}
+
+#[doc(hidden)]
+pub use fail;
+
 pub mod error;
 pub mod fs;
 pub mod group;

@@ -153,13 +153,14 @@ impl Segments {
         if doomed.is_empty() {
             return Ok(0);
         }
+        // Oldest first, each unlink made durable before the next: a crash
+        // then leaves a suffix of the segments, never a gap that readers
+        // would have to take for a lost segment.
         for seg in &doomed {
             self.fs.remove_file(&seg.path).map_err(Error::io("unlink", &seg.path))?;
+            crate::crash_point!("wal::remove::after_unlink");
+            self.fs.sync_dir(&self.dir).map_err(Error::io("fsync dir", &self.dir))?;
         }
-        // The unlinks must be durable before anything relies on them being
-        // gone; nothing does today, but a half-done removal on a crash would
-        // leave old segments that recovery simply reads again (idempotent).
-        self.fs.sync_dir(&self.dir).map_err(Error::io("fsync dir", &self.dir))?;
         let mut list = self.list.lock().unwrap();
         list.retain(|s| !doomed.iter().any(|d| d.first_lsn == s.first_lsn));
         self.stats
@@ -469,6 +470,7 @@ impl Wal {
         if let Err(e) = self.active.write_all_at(&self.buf, self.write_offset) {
             return Err(self.poison(Error::io("write", &self.active_path)(e)));
         }
+        crate::crash_point!("wal::commit::after_write");
         let t = std::time::Instant::now();
         if let Err(e) = self.active.sync_data() {
             return Err(self.poison(Error::io("fdatasync", &self.active_path)(e)));
