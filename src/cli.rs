@@ -1,12 +1,15 @@
 //! Subcommands other than the service itself: `recover`, `wal inspect`,
 //! `wal verify`, `bench`. Output for humans by default, `--json` for scripts.
 
+use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use logd::config::{Command, RecoverArgs, WalArgs, WalCommand};
 use logd::materialize::Replayer;
+use logd::meta::{MetaStore, SledMeta};
 use logd::server::{StateLock, open_meta};
 use serde_json::json;
 use wal::fs::{Fs, RealFs};
@@ -43,15 +46,97 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template("replaying WAL {bar:40} {bytes}/{total_bytes} {msg} ({eta})")
+        .expect("valid template");
+    bar.set_style(style);
+    Some(bar)
+}
+
 fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     let store = &args.store;
     let _lock = StateLock::acquire(&store.state_dir())?;
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
-    std::fs::create_dir_all(&store.log_dir).with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
-    let meta = open_meta(&store.meta_dir())?;
     let opts = store.wal_options().map_err(anyhow::Error::msg)?;
-    let mut replayer = Replayer::new(fs.clone(), &store.log_dir, meta);
-    let (_wal, report) = recovery::run(fs, &store.wal_dir(), opts, &mut replayer, |_| {})?;
+    let bar = progress_bar(!args.json);
+    let progress = |p: recovery::Progress| {
+        if let Some(b) = &bar {
+            b.set_length(p.bytes_total.max(p.bytes_read));
+            b.set_position(p.bytes_read);
+            b.set_message(format!("{} records", p.records));
+        }
+    };
+    let (meta, meta_aside) = if args.dry_run {
+        (open_meta_read_only(&store.meta_dir())?, None)
+    } else {
+        std::fs::create_dir_all(&store.log_dir)
+            .with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
+        open_meta(&store.meta_dir(), args.rebuild_meta)?
+    };
+    let wal_dir = store.wal_dir();
+    let (report, replayer) = if args.dry_run {
+        let mut replayer = Replayer::dry_run(fs.clone(), &store.log_dir, meta);
+        (
+            recovery::dry_run(fs, &wal_dir, opts, &mut replayer, progress)?,
+            replayer,
+        )
+    } else {
+        let mut replayer = Replayer::new(fs.clone(), &store.log_dir, meta);
+        let (_wal, report) = if args.salvage {
+            recovery::salvage(fs, &wal_dir, opts, &mut replayer, progress)?
+        } else {
+            recovery::run(fs, &wal_dir, opts, &mut replayer, progress)?
+        };
+        (report, replayer)
+    };
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    print_recovery(&args, &report, &replayer, meta_aside.as_deref());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A read-only view of the checkpoints for `--dry-run`: sled cannot open a
+/// store read-only, so a copy is opened instead (or none, if unreadable).
+fn open_meta_read_only(dir: &Path) -> anyhow::Result<Arc<dyn MetaStore>> {
+    let copy = tempfile::Builder::new().prefix("logd-meta-dry-run-").tempdir()?;
+    if dir.exists() {
+        for entry in walk(dir)? {
+            let rel = entry.strip_prefix(dir)?;
+            let target = copy.path().join(rel);
+            std::fs::create_dir_all(target.parent().expect("has parent"))?;
+            std::fs::copy(&entry, &target)?;
+        }
+    }
+    let meta = match std::panic::catch_unwind(|| SledMeta::open(copy.path())) {
+        Ok(Ok(m)) => m,
+        _ => SledMeta::open(&copy.path().join("empty"))?,
+    };
+    std::mem::forget(copy); // sled keeps files open; the OS cleans /tmp
+    Ok(Arc::new(meta))
+}
+
+fn walk(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() { out.extend(walk(&p)?) } else { out.push(p) }
+    }
+    Ok(out)
+}
+
+fn lost_json(l: &wal::LostRange) -> serde_json::Value {
+    json!({
+        "segment": l.segment, "offset": l.offset, "bytes": l.bytes,
+        "lsn_from": l.lsn_from, "lsn_to": l.lsn_to, "records_lost": l.lsn_to - l.lsn_from, "why": l.why.to_string(),
+    })
+}
+
+fn print_recovery(args: &RecoverArgs, report: &recovery::Report, replayer: &Replayer, meta_aside: Option<&Path>) {
     let torn = report
         .open
         .torn_tail
@@ -59,6 +144,7 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
         .map(|t| json!({"segment": t.segment, "offset": t.offset, "bytes": t.bytes, "why": t.why}));
     if args.json {
         let out = json!({
+            "dry_run": args.dry_run,
             "segments_scanned": report.segments_scanned,
             "records_read": report.records_read,
             "records_replayed": report.records_replayed,
@@ -67,39 +153,76 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
             "torn_tail": torn,
             "tmp_files_removed": report.open.removed_tmp_files,
             "segments_removed": report.segments_removed,
+            "checkpoints_refreshed": replayer.checkpoints_refreshed,
             "sessions": replayer.per_session,
+            "meta_moved_aside_to": meta_aside,
+            "salvage": report.moved_aside_to.as_ref().map(|to| json!({
+                "wal_moved_aside_to": to,
+                "lost": report.lost.iter().map(lost_json).collect::<Vec<_>>(),
+                "records_lost": report.lost.iter().map(|l| l.lsn_to - l.lsn_from).sum::<u64>(),
+                "bytes_lost": report.lost.iter().map(|l| l.bytes).sum::<u64>(),
+            })),
             "elapsed_ms": report.elapsed.as_millis() as u64,
         });
         println!("{out}");
-    } else {
+        return;
+    }
+    let verb = if args.dry_run { "would replay" } else { "replayed" };
+    println!(
+        "{}: {} segment(s) scanned, {} record(s) read, {} {verb}, {} already materialized, {} segment(s) {}, in {:.3}s",
+        if args.dry_run {
+            "dry run (nothing changed)"
+        } else {
+            "recovered"
+        },
+        report.segments_scanned,
+        report.records_read,
+        report.records_replayed,
+        report.records_skipped,
+        report.segments_removed,
+        if args.dry_run { "removable" } else { "removed" },
+        report.elapsed.as_secs_f64()
+    );
+    if let Some(t) = &report.open.torn_tail {
+        let verb = if args.dry_run {
+            "would be truncated"
+        } else {
+            "truncated"
+        };
         println!(
-            "recovered: {} segment(s) scanned, {} record(s) read, {} replayed, {} already materialized, {} segment(s) removed, in {:.3}s",
-            report.segments_scanned,
-            report.records_read,
-            report.records_replayed,
-            report.records_skipped,
-            report.segments_removed,
-            report.elapsed.as_secs_f64()
+            "torn WAL tail {verb}: {} at offset {}, {} byte(s) ({})",
+            t.segment.display(),
+            t.offset,
+            t.bytes,
+            t.why
         );
-        if let Some(t) = &report.open.torn_tail {
+    }
+    if let Some(to) = meta_aside {
+        println!("metadata store moved aside to {} and rebuilt", to.display());
+    }
+    if let Some(to) = &report.moved_aside_to {
+        println!("salvage: damaged WAL moved aside to {} (not deleted)", to.display());
+        for l in &report.lost {
             println!(
-                "torn WAL tail truncated: {} at offset {}, {} byte(s) dropped ({})",
-                t.segment.display(),
-                t.offset,
-                t.bytes,
-                t.why
+                "  LOST: {} bytes at offset {} of {} (LSNs {}..{}, {} record(s)): {}",
+                l.bytes,
+                l.offset,
+                l.segment.display(),
+                l.lsn_from,
+                l.lsn_to,
+                l.lsn_to - l.lsn_from,
+                l.why
             );
         }
-        for (session, s) in &replayer.per_session {
-            if s.replayed > 0 || s.bytes_trimmed > 0 {
-                println!(
-                    "  session {session}: {} replayed, {} skipped, {} byte(s) trimmed",
-                    s.replayed, s.skipped, s.bytes_trimmed
-                );
-            }
+    }
+    for (session, s) in &replayer.per_session {
+        if s.replayed > 0 || s.bytes_trimmed > 0 {
+            println!(
+                "  session {session}: {} {verb}, {} skipped, {} byte(s) trimmed",
+                s.replayed, s.skipped, s.bytes_trimmed
+            );
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn scan_json(s: &SegmentScan) -> serde_json::Value {

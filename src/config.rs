@@ -176,6 +176,17 @@ pub struct RecoverArgs {
     /// Print one JSON object instead of the human summary.
     #[arg(long)]
     pub json: bool,
+    /// Report what recovery would do; change nothing.
+    #[arg(long, alias = "check")]
+    pub dry_run: bool,
+    /// On mid-log corruption, keep every readable record, move the damaged
+    /// WAL aside (never deleted) and report exactly what was lost.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub salvage: bool,
+    /// Move the metadata store aside and rebuild it from the session files
+    /// and the WAL.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub rebuild_meta: bool,
 }
 
 /// Which RPC `logd bench` drives.

@@ -151,20 +151,13 @@ impl SessionFile {
         let existed = fs.exists(&path);
         let file = fs.open(&path, OpenMode::CreateOrOpen)?;
         let len = file.len()?;
-        let mut repair = OpenRepair::default();
-        let (start, seq_floor, last_lsn) = match ckpt {
-            Some(c) if c.offset <= len => (c.offset, c.last_seq, c.last_lsn),
-            Some(c) => (0, 0, c.last_lsn),
-            None => (0, 0, 0),
-        };
-        let (end, scanned_last) = if start < len {
-            repair.scanned = true;
-            scan_valid_lines(file.as_ref(), start, len, if start > 0 { seq_floor } else { 0 })?
-        } else {
-            (start, 0)
-        };
-        // The checkpoint's seq also covers rotated files, so it is a floor.
-        let last_seq = scanned_last.max(ckpt.map_or(0, |c| c.last_seq));
+        let State {
+            start,
+            end,
+            last_seq,
+            last_lsn,
+            mut repair,
+        } = inspect(file.as_ref(), len, ckpt)?;
         if end < len {
             file.set_len(end)?;
             file.sync_data()?;
@@ -183,6 +176,20 @@ impl SessionFile {
             needs_dir_sync: !existed,
         };
         Ok((sf, repair))
+    }
+
+    /// What [`SessionFile::open`] would find, without changing anything:
+    /// the highest seq the file holds and the bytes it would cut.
+    pub fn probe(fs: &dyn Fs, dir: &Path, session: &str, ckpt: Option<Checkpoint>) -> io::Result<(i64, OpenRepair)> {
+        let path = logtmp_path(dir, session);
+        if !fs.exists(&path) {
+            return Ok((ckpt.map_or(0, |c| c.last_seq), OpenRepair::default()));
+        }
+        let file = fs.open(&path, OpenMode::Read)?;
+        let len = file.len()?;
+        let mut st = inspect(file.as_ref(), len, ckpt)?;
+        st.repair.bytes_trimmed = len - st.end;
+        Ok((st.last_seq, st.repair))
     }
 
     /// Highest seq the session's files hold (or will, once written).
@@ -250,6 +257,41 @@ impl SessionFile {
     }
 }
 
+/// Where a session file's trusted bytes end and what it holds.
+struct State {
+    /// Bytes known synced (the checkpoint's offset, when usable).
+    start: u64,
+    /// End of the valid lines.
+    end: u64,
+    last_seq: i64,
+    last_lsn: u64,
+    repair: OpenRepair,
+}
+
+fn inspect(file: &dyn FsFile, len: u64, ckpt: Option<Checkpoint>) -> io::Result<State> {
+    let mut repair = OpenRepair::default();
+    let (start, seq_floor, last_lsn) = match ckpt {
+        Some(c) if c.offset <= len => (c.offset, c.last_seq, c.last_lsn),
+        Some(c) => (0, 0, c.last_lsn),
+        None => (0, 0, 0),
+    };
+    let (end, scanned_last) = if start < len {
+        repair.scanned = true;
+        scan_valid_lines(file, start, len, if start > 0 { seq_floor } else { 0 })?
+    } else {
+        (start, 0)
+    };
+    // The checkpoint's seq also covers rotated files, so it is a floor.
+    let last_seq = scanned_last.max(ckpt.map_or(0, |c| c.last_seq));
+    Ok(State {
+        start,
+        end,
+        last_seq,
+        last_lsn,
+        repair,
+    })
+}
+
 /// From `start`, the end of the longest run of whole, valid JSON lines with
 /// seqs increasing above `seq_floor`, and the last seq in it (0 if none).
 /// Reads in chunks (bounded memory).
@@ -290,14 +332,24 @@ fn is_json(line: &[u8]) -> bool {
 
 /// The recovery side of materialization: replays WAL records into session
 /// files through [`SessionFile`], at most `files_open_max` at a time.
+///
+/// `prepare` visits every session file in the log directory and refreshes
+/// its checkpoint from the file itself, so a lost, stale or rebuilt
+/// metadata store is corrected before any seq is assigned. In dry-run mode
+/// nothing is written: files are probed read-only and records counted.
 pub struct Replayer {
     fs: Arc<dyn Fs>,
     log_dir: PathBuf,
     meta: Arc<dyn MetaStore>,
     files: HashMap<String, SessionFile>,
+    /// Dry run: last seq per session as replay would advance it.
+    probed: HashMap<String, i64>,
+    dry_run: bool,
     files_open_max: usize,
-    /// Per session: (records written, records skipped, bytes trimmed on open).
+    /// What replay did (or would do), per session.
     pub per_session: BTreeMap<String, SessionReplay>,
+    /// Session files whose checkpoint `prepare` refreshed.
+    pub checkpoints_refreshed: u64,
 }
 
 /// What replay did for one session.
@@ -321,8 +373,19 @@ impl Replayer {
             log_dir: log_dir.to_path_buf(),
             meta,
             files: HashMap::new(),
+            probed: HashMap::new(),
+            dry_run: false,
             files_open_max: 256,
             per_session: BTreeMap::new(),
+            checkpoints_refreshed: 0,
+        }
+    }
+
+    /// A replayer that changes nothing and only counts.
+    pub fn dry_run(fs: Arc<dyn Fs>, log_dir: &Path, meta: Arc<dyn MetaStore>) -> Self {
+        Replayer {
+            dry_run: true,
+            ..Replayer::new(fs, log_dir, meta)
         }
     }
 
@@ -333,15 +396,48 @@ impl Replayer {
         }
         Ok(())
     }
-}
 
-impl recovery::Materializer for Replayer {
-    fn prepare(&mut self) -> Result<(), BoxError> {
-        Ok(())
+    /// Session ids that have a `.logtmp` in the log directory.
+    fn sessions_on_disk(&self) -> Result<Vec<String>, BoxError> {
+        if !self.fs.exists(&self.log_dir) {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for path in self.fs.list_dir(&self.log_dir)? {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if let Some(session) = name.strip_suffix(LOGTMP_SUFFIX)
+                && crate::validate::session_id_is_valid(session)
+            {
+                out.push(session.to_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
-    fn apply(&mut self, lsn: u64, payload: &[u8]) -> Result<recovery::Applied, BoxError> {
-        let frame = LogFrame::decode(payload).map_err(|e| format!("record at LSN {lsn} is not a LogFrame: {e}"))?;
+    fn apply_dry(&mut self, frame: &LogFrame) -> Result<bool, BoxError> {
+        let last = match self.probed.get_mut(&frame.session_id) {
+            Some(l) => l,
+            None => {
+                let ckpt = self.meta.checkpoint(&frame.session_id)?;
+                let (last, repair) = SessionFile::probe(self.fs.as_ref(), &self.log_dir, &frame.session_id, ckpt)?;
+                self.per_session
+                    .entry(frame.session_id.clone())
+                    .or_default()
+                    .bytes_trimmed = repair.bytes_trimmed;
+                self.probed.entry(frame.session_id.clone()).or_insert(last)
+            }
+        };
+        if frame.seq <= *last {
+            return Ok(false);
+        }
+        *last = frame.seq;
+        Ok(true)
+    }
+
+    fn apply_live(&mut self, lsn: u64, frame: &LogFrame) -> Result<bool, BoxError> {
         if !self.files.contains_key(&frame.session_id) {
             if self.files.len() >= self.files_open_max {
                 self.close_all()?;
@@ -355,11 +451,46 @@ impl recovery::Materializer for Replayer {
             self.files.insert(frame.session_id.clone(), sf);
         }
         let sf = self.files.get_mut(&frame.session_id).expect("just inserted");
-        let stats = self.per_session.entry(frame.session_id.clone()).or_default();
-        let written = sf.append(lsn, &frame);
+        let written = sf.append(lsn, frame);
         if sf.pending_bytes() > 1 << 20 {
             sf.write_pending()?;
         }
+        Ok(written)
+    }
+}
+
+impl recovery::Materializer for Replayer {
+    fn prepare(&mut self) -> Result<(), BoxError> {
+        for session in self.sessions_on_disk()? {
+            let ckpt = self.meta.checkpoint(&session)?;
+            if self.dry_run {
+                let (_, repair) = SessionFile::probe(self.fs.as_ref(), &self.log_dir, &session, ckpt)?;
+                if repair.bytes_trimmed > 0 {
+                    self.per_session.entry(session).or_default().bytes_trimmed = repair.bytes_trimmed;
+                }
+                continue;
+            }
+            let (mut sf, repair) = SessionFile::open(self.fs.clone(), &self.log_dir, &session, ckpt)?;
+            if repair.bytes_trimmed > 0 {
+                self.per_session.entry(session.clone()).or_default().bytes_trimmed += repair.bytes_trimmed;
+            }
+            let fresh = sf.sync()?;
+            if ckpt != Some(fresh) {
+                self.meta.put_checkpoint(&session, &fresh)?;
+                self.checkpoints_refreshed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, lsn: u64, payload: &[u8]) -> Result<recovery::Applied, BoxError> {
+        let frame = LogFrame::decode(payload).map_err(|e| format!("record at LSN {lsn} is not a LogFrame: {e}"))?;
+        let written = if self.dry_run {
+            self.apply_dry(&frame)?
+        } else {
+            self.apply_live(lsn, &frame)?
+        };
+        let stats = self.per_session.entry(frame.session_id).or_default();
         if written {
             stats.replayed += 1;
             Ok(recovery::Applied::Written)
@@ -370,6 +501,9 @@ impl recovery::Materializer for Replayer {
     }
 
     fn finish(&mut self) -> Result<(), BoxError> {
+        if self.dry_run {
+            return Ok(());
+        }
         self.close_all()?;
         self.meta.flush()?;
         Ok(())

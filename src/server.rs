@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use wal::fs::{Fs, RealFs};
 
 use crate::config::ServeArgs;
@@ -77,10 +77,38 @@ impl StateLock {
     }
 }
 
-/// Opens the metadata store, naming the directory on failure.
-pub fn open_meta(dir: &Path) -> anyhow::Result<Arc<dyn MetaStore>> {
-    let meta = SledMeta::open(dir).with_context(|| format!("opening metadata store {}", dir.display()))?;
-    Ok(Arc::new(meta))
+/// Opens the metadata store. When it cannot be opened (sled 0.34 has open
+/// reports of stores that will not reopen after an abrupt stop), or when
+/// `rebuild` asks for it, the directory is moved aside (never deleted) and a
+/// fresh store is created; the recovery pass then rebuilds every checkpoint
+/// from the session files and the WAL. Returns where the old store went.
+pub fn open_meta(dir: &Path, rebuild: bool) -> anyhow::Result<(Arc<dyn MetaStore>, Option<PathBuf>)> {
+    let failure = if rebuild {
+        Some("rebuild requested".to_owned())
+    } else {
+        match std::panic::catch_unwind(|| SledMeta::open(dir)) {
+            Ok(Ok(meta)) => return Ok((Arc::new(meta), None)),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("sled panicked while opening".to_owned()),
+        }
+    };
+    let mut aside = None;
+    if dir.exists() {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let target = dir.with_file_name(format!("meta.broken-{stamp}"));
+        std::fs::rename(dir, &target).with_context(|| format!("moving {} aside", dir.display()))?;
+        aside = Some(target);
+    }
+    let why = failure.unwrap_or_default();
+    error!(
+        meta = %dir.display(),
+        moved_to = ?aside,
+        "metadata store unusable ({why}): rebuilding it from the session files and the WAL"
+    );
+    let meta = SledMeta::open(dir).with_context(|| format!("creating a fresh metadata store in {}", dir.display()))?;
+    Ok((Arc::new(meta), aside))
 }
 
 async fn shutdown_signal() {
@@ -98,7 +126,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
     std::fs::create_dir_all(&store.log_dir).with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
     let _lock = StateLock::acquire(&store.state_dir())?;
-    let meta = open_meta(&store.meta_dir())?;
+    let (meta, _meta_aside) = open_meta(&store.meta_dir(), false)?;
     let wal_opts = store.wal_options().map_err(anyhow::Error::msg)?;
 
     info!("recovery: replaying the WAL into session files");

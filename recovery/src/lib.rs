@@ -17,7 +17,7 @@
 //! Only after the pass returns may the service accept frames or hand events
 //! to the Redis mirror.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,10 @@ pub struct Report {
     pub segments_removed: usize,
     /// Wall time of the pass.
     pub elapsed: Duration,
+    /// Salvage only: damaged ranges whose records are lost.
+    pub lost: Vec<wal::LostRange>,
+    /// Salvage only: where the damaged WAL was moved (never deleted).
+    pub moved_aside_to: Option<PathBuf>,
 }
 
 /// Runs the pass on the WAL in `wal_dir`; returns the open WAL, ready for
@@ -121,18 +125,169 @@ pub fn run(
         open,
         ..Report::default()
     };
-    let mut failure = None;
-    let summary = wal::read_from(fs.as_ref(), wal_dir, 0, opts.record_bytes_max, |rec| {
-        match materializer.apply(rec.lsn, rec.payload) {
-            Ok(Applied::Written) => report.records_replayed += 1,
-            Ok(Applied::Skipped) => report.records_skipped += 1,
-            Err(source) => {
-                failure = Some(Error::Materialize { lsn: rec.lsn, source });
-                return Err(wal::Error::Closed);
-            }
+    let summary = replay(
+        fs.as_ref(),
+        wal_dir,
+        opts,
+        materializer,
+        &mut report,
+        bytes_total,
+        &mut progress,
+    )?;
+    report.segments_scanned = summary.segments.len();
+    materializer
+        .finish()
+        .map_err(|source| Error::Materialize { lsn: 0, source })?;
+    report.segments_removed = wal.segments().remove_before(wal.next_lsn())?;
+    report.elapsed = started.elapsed();
+    Ok((wal, report))
+}
+
+/// Reports what [`run`] would do and changes nothing: the WAL is verified
+/// (a torn tail is reported in `open.torn_tail`, not truncated) and every
+/// record is offered to `materializer`, which must be in a read-only mode.
+pub fn dry_run(
+    fs: Arc<dyn Fs>,
+    wal_dir: &Path,
+    opts: WalOptions,
+    materializer: &mut dyn Materializer,
+    mut progress: impl FnMut(Progress),
+) -> Result<Report, Error> {
+    let started = Instant::now();
+    let mut report = Report::default();
+    if !fs.exists(wal_dir) {
+        report.elapsed = started.elapsed();
+        return Ok(report);
+    }
+    let scans = wal::verify(fs.as_ref(), wal_dir, opts.record_bytes_max)?;
+    for scan in &scans {
+        if let Some(err) = scan.corruption() {
+            return Err(err.into());
         }
-        report.records_read += 1;
-        report.bytes_read += rec.payload.len() as u64;
+        if let Some(wal::Damage::Torn { offset, bytes, why }) = &scan.damage {
+            report.open.torn_tail = Some(wal::TornTail {
+                segment: scan.path.clone(),
+                offset: *offset,
+                bytes: *bytes,
+                why: why.to_string(),
+            });
+        }
+    }
+    report.open.segments = scans.len();
+    report.open.first_lsn = scans.first().map_or(1, |s| s.first_lsn);
+    report.open.next_lsn = scans.last().map_or(1, |s| s.next_lsn);
+    let bytes_total = scans.iter().map(|s| s.valid_end).sum();
+    materializer
+        .prepare()
+        .map_err(|source| Error::Materialize { lsn: 0, source })?;
+    let summary = replay(
+        fs.as_ref(),
+        wal_dir,
+        opts,
+        materializer,
+        &mut report,
+        bytes_total,
+        &mut progress,
+    )?;
+    report.segments_scanned = summary.segments.len();
+    report.segments_removed = scans.len().saturating_sub(1);
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Like [`run`], but on corruption keeps every readable record: each is
+/// materialized, then the whole damaged WAL directory is moved aside (never
+/// deleted) and a fresh WAL starts after the highest LSN seen. The report's
+/// `lost` lists exactly which byte ranges and LSNs could not be read.
+pub fn salvage(
+    fs: Arc<dyn Fs>,
+    wal_dir: &Path,
+    opts: WalOptions,
+    materializer: &mut dyn Materializer,
+    mut progress: impl FnMut(Progress),
+) -> Result<(Wal, Report), Error> {
+    match run(fs.clone(), wal_dir, opts, materializer, &mut progress) {
+        Err(e) if e.is_integrity() => {}
+        other => return other,
+    }
+    let started = Instant::now();
+    materializer
+        .prepare()
+        .map_err(|source| Error::Materialize { lsn: 0, source })?;
+    let mut report = Report::default();
+    let mut failure = None;
+    let salvaged = wal::salvage(fs.as_ref(), wal_dir, opts.record_bytes_max, |rec| {
+        if let Err(source) = count(materializer.apply(rec.lsn, rec.payload), &mut report, rec.payload.len()) {
+            failure = Some(Error::Materialize { lsn: rec.lsn, source });
+            return Err(wal::Error::Closed);
+        }
+        Ok(())
+    });
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    let salvaged = salvaged?;
+    materializer
+        .finish()
+        .map_err(|source| Error::Materialize { lsn: 0, source })?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = format!(
+        "{}.salvaged-{stamp}",
+        wal_dir.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
+    );
+    let aside = wal_dir.with_file_name(name);
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| wal::Error::Io { op, path, source }
+    };
+    fs.rename(wal_dir, &aside).map_err(io("rename", wal_dir))?;
+    if let Some(parent) = wal_dir.parent() {
+        fs.sync_dir(parent).map_err(io("fsync dir", parent))?;
+    }
+    let (wal, open) = Wal::open_at(fs, wal_dir, opts, salvaged.next_lsn)?;
+    report.open = open;
+    report.segments_scanned = salvaged.segments;
+    report.lost = salvaged.lost;
+    report.moved_aside_to = Some(aside);
+    report.elapsed = started.elapsed();
+    progress(Progress {
+        bytes_read: report.bytes_read,
+        bytes_total: report.bytes_read,
+        records: report.records_read,
+    });
+    Ok((wal, report))
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn count(applied: Result<Applied, BoxError>, report: &mut Report, bytes: usize) -> Result<(), BoxError> {
+    match applied? {
+        Applied::Written => report.records_replayed += 1,
+        Applied::Skipped => report.records_skipped += 1,
+    }
+    report.records_read += 1;
+    report.bytes_read += bytes as u64;
+    Ok(())
+}
+
+/// Streams every record through the materializer, counting into `report`.
+fn replay(
+    fs: &dyn Fs,
+    wal_dir: &Path,
+    opts: WalOptions,
+    materializer: &mut dyn Materializer,
+    report: &mut Report,
+    bytes_total: u64,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<wal::ReadSummary, Error> {
+    let mut failure = None;
+    let summary = wal::read_from(fs, wal_dir, 0, opts.record_bytes_max, |rec| {
+        if let Err(source) = count(materializer.apply(rec.lsn, rec.payload), report, rec.payload.len()) {
+            failure = Some(Error::Materialize { lsn: rec.lsn, source });
+            return Err(wal::Error::Closed);
+        }
         if report.records_read.is_multiple_of(4096) {
             progress(Progress {
                 bytes_read: report.bytes_read,
@@ -151,11 +306,5 @@ pub fn run(
         bytes_total,
         records: report.records_read,
     });
-    report.segments_scanned = summary.segments.len();
-    materializer
-        .finish()
-        .map_err(|source| Error::Materialize { lsn: 0, source })?;
-    report.segments_removed = wal.segments().remove_before(wal.next_lsn())?;
-    report.elapsed = started.elapsed();
-    Ok((wal, report))
+    Ok(summary)
 }

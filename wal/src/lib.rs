@@ -92,5 +92,6 @@ pub use group::{GroupCommit, Stage, Submitter};
 pub use log::{
     CommitInfo, OpenReport, ReadSummary, SegmentInfo, Segments, TornTail, Wal, WalOptions, WalStats, read_from, verify,
 };
+pub use log::{SalvageReport, salvage};
 pub use record::RecordType;
-pub use segment::{BadRecord, Damage, RecordRef, SegmentScan};
+pub use segment::{BadRecord, Damage, LostRange, RecordRef, SegmentScan};

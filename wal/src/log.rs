@@ -244,6 +244,13 @@ impl Wal {
     /// segment. Mid-log corruption in the last segment is an error; damage in
     /// older segments is found by readers (recovery reads everything).
     pub fn open(fs: Arc<dyn Fs>, dir: &Path, opts: WalOptions) -> Result<(Wal, OpenReport)> {
+        Wal::open_at(fs, dir, opts, 1)
+    }
+
+    /// Like [`Wal::open`]; an empty directory starts at `first_lsn` (LSNs
+    /// never go back, e.g. after salvage moved a damaged WAL aside).
+    pub fn open_at(fs: Arc<dyn Fs>, dir: &Path, opts: WalOptions, first_lsn: u64) -> Result<(Wal, OpenReport)> {
+        assert!(first_lsn >= 1, "LSNs start at 1");
         opts.validate().map_err(|why| Error::BadHeader {
             segment: dir.to_path_buf(),
             why,
@@ -275,9 +282,9 @@ impl Wal {
         let stats = Arc::new(WalStats::default());
         let (active, active_path, write_offset, next_lsn) = match segs.last() {
             None => {
-                let (file, path) = create_segment(fs.as_ref(), dir, 1)?;
-                segs.push((1, path.clone()));
-                (file, path, SEGMENT_HEADER_BYTES, 1)
+                let (file, path) = create_segment(fs.as_ref(), dir, first_lsn)?;
+                segs.push((first_lsn, path.clone()));
+                (file, path, SEGMENT_HEADER_BYTES, first_lsn)
             }
             Some((_, path)) => {
                 let path = path.clone();
@@ -571,4 +578,56 @@ pub fn verify(fs: &dyn Fs, dir: &Path, record_bytes_max: u32) -> Result<Vec<Segm
         )?);
     }
     Ok(out)
+}
+
+/// What [`salvage`] read and skipped.
+#[derive(Debug, Clone, Default)]
+pub struct SalvageReport {
+    /// Segments read.
+    pub segments: usize,
+    /// Valid records passed to the visitor.
+    pub records: u64,
+    /// Damaged ranges skipped.
+    pub lost: Vec<crate::segment::LostRange>,
+    /// Segments whose header could not be read at all (skipped whole).
+    pub unreadable_segments: Vec<(PathBuf, String)>,
+    /// LSN after the highest valid record (where a fresh WAL must start).
+    pub next_lsn: u64,
+}
+
+/// Reads every valid record of every segment, skipping damage (for
+/// `logd recover --salvage`); changes nothing on disk. LSNs may jump where
+/// records were lost.
+pub fn salvage(
+    fs: &dyn Fs,
+    dir: &Path,
+    record_bytes_max: u32,
+    mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
+) -> Result<SalvageReport> {
+    let (segs, _) = list_segments(fs, dir)?;
+    let mut report = SalvageReport {
+        next_lsn: 1,
+        ..SalvageReport::default()
+    };
+    for (first_lsn, path) in &segs {
+        let file = fs.open(path, OpenMode::Read).map_err(Error::io("open", path))?;
+        let mut records = 0;
+        match crate::segment::salvage_segment(path, file.as_ref(), record_bytes_max, |r| {
+            records += 1;
+            visit(r)
+        }) {
+            Ok((lost, next)) => {
+                report.lost.extend(lost);
+                report.next_lsn = report.next_lsn.max(next);
+            }
+            Err(Error::BadHeader { why, .. }) => {
+                report.unreadable_segments.push((path.clone(), why));
+                report.next_lsn = report.next_lsn.max(*first_lsn);
+            }
+            Err(e) => return Err(e),
+        }
+        report.records += records;
+        report.segments += 1;
+    }
+    Ok(report)
 }

@@ -353,6 +353,82 @@ pub fn scan_segment(
     })
 }
 
+/// A damaged byte range that salvage had to skip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostRange {
+    /// The segment.
+    pub segment: PathBuf,
+    /// First damaged byte.
+    pub offset: u64,
+    /// Bytes skipped (to the next valid record, or to the end of the file).
+    pub bytes: u64,
+    /// LSN expected at the damage.
+    pub lsn_from: u64,
+    /// LSN of the next valid record after it (records `lsn_from..lsn_to` are
+    /// lost); equal to `lsn_from` when nothing valid follows.
+    pub lsn_to: u64,
+    /// What was wrong at `offset`.
+    pub why: BadRecord,
+}
+
+/// Reads every valid record of a segment, skipping over damage instead of
+/// stopping at it (for `logd recover --salvage`). Returns the skipped ranges
+/// and the LSN after the last valid record.
+pub fn salvage_segment(
+    path: &Path,
+    file: &dyn FsFile,
+    record_bytes_max: u32,
+    mut visit: impl FnMut(RecordRef<'_>) -> Result<()>,
+) -> Result<(Vec<LostRange>, u64)> {
+    let first_lsn = check_header(path, file)?;
+    let file_len = file.len().map_err(Error::io("stat", path))?;
+    let mut w = Window {
+        file,
+        file_len,
+        buf: Vec::new(),
+        start: 0,
+    };
+    let mut offset = SEGMENT_HEADER_BYTES;
+    let mut lsn = first_lsn;
+    let mut lost = Vec::new();
+    while offset < file_len {
+        match check_record(&mut w, offset, lsn, record_bytes_max).map_err(Error::io("read", path))? {
+            Ok((h, len)) => {
+                let total = RECORD_HEADER_BYTES + len as usize;
+                let rec = w
+                    .get(offset, total)
+                    .map_err(Error::io("read", path))?
+                    .expect("checked record");
+                let kind = RecordType::from_byte(h.kind).expect("checked type");
+                visit(RecordRef {
+                    lsn,
+                    kind,
+                    payload: &rec[RECORD_HEADER_BYTES..],
+                    offset,
+                })?;
+                offset += total as u64;
+                lsn += 1;
+            }
+            Err(why) => {
+                let next =
+                    find_next_valid(&mut w, offset + 1, lsn, record_bytes_max).map_err(Error::io("read", path))?;
+                let (to_offset, to_lsn) = next.unwrap_or((file_len, lsn));
+                lost.push(LostRange {
+                    segment: path.to_path_buf(),
+                    offset,
+                    bytes: to_offset - offset,
+                    lsn_from: lsn,
+                    lsn_to: to_lsn,
+                    why,
+                });
+                offset = to_offset;
+                lsn = to_lsn;
+            }
+        }
+    }
+    Ok((lost, lsn))
+}
+
 /// Decides whether damage at `offset` is a torn tail or corruption.
 fn classify(
     w: &mut Window<'_>,
