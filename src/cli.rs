@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use logd::config::{Command, RecoverArgs, WalArgs, WalCommand};
+use logd::config::{Command, RecoverArgs, RotateArgs, WalArgs, WalCommand};
 use logd::materialize::Replayer;
 use logd::meta::{MetaStore, SledMeta};
 use logd::server::{StateLock, open_meta};
@@ -42,8 +42,27 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Recover(args) => tokio::task::spawn_blocking(move || recover(args)).await?,
+        Command::Rotate(args) => rotate(args).await,
         Command::Wal { command } => tokio::task::spawn_blocking(move || wal_command(command)).await?,
     }
+}
+
+async fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
+    let mut client = logd::pb::admin_service_client::AdminServiceClient::connect(args.target.clone())
+        .await
+        .with_context(|| format!("connecting to {}", args.target))?;
+    let req = logd::pb::RotateRequest {
+        session_id: args.session.clone().unwrap_or_default(),
+        all: args.all,
+    };
+    let files = client.rotate(req).await.context("Rotate")?.into_inner().files;
+    if files.is_empty() {
+        println!("nothing to rotate (no open file with frames)");
+    }
+    for f in files {
+        println!("rotated: {f}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
@@ -79,13 +98,14 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     };
     let wal_dir = store.wal_dir();
     let (report, replayer) = if args.dry_run {
-        let mut replayer = Replayer::dry_run(fs.clone(), &store.log_dir, meta);
+        let mut replayer =
+            Replayer::dry_run(fs.clone(), &store.log_dir, meta).with_lifecycle(args.lifecycle.lifecycle());
         (
             recovery::dry_run(fs, &wal_dir, opts, &mut replayer, progress)?,
             replayer,
         )
     } else {
-        let mut replayer = Replayer::new(fs.clone(), &store.log_dir, meta);
+        let mut replayer = Replayer::new(fs.clone(), &store.log_dir, meta).with_lifecycle(args.lifecycle.lifecycle());
         let (_wal, report) = if args.salvage {
             recovery::salvage(fs, &wal_dir, opts, &mut replayer, progress)?
         } else {
@@ -155,6 +175,7 @@ fn print_recovery(args: &RecoverArgs, report: &recovery::Report, replayer: &Repl
             "segments_removed": report.segments_removed,
             "checkpoints_refreshed": replayer.checkpoints_refreshed,
             "sessions": replayer.per_session,
+            "lifecycle": replayer.lifecycle,
             "meta_moved_aside_to": meta_aside,
             "salvage": report.moved_aside_to.as_ref().map(|to| json!({
                 "wal_moved_aside_to": to,
@@ -195,6 +216,19 @@ fn print_recovery(args: &RecoverArgs, report: &recovery::Report, replayer: &Repl
             t.offset,
             t.bytes,
             t.why
+        );
+    }
+    let l = &replayer.lifecycle;
+    for f in &l.rotations_finished {
+        println!("finished an interrupted rotation: {f}");
+    }
+    for f in &l.compressions_finished {
+        println!("finished an interrupted compression: {f}.gz");
+    }
+    if l.meta_rebuilt {
+        println!(
+            "metadata store rebuilt from the files: {} event(s) re-announced, {} compression(s) queued",
+            l.events_reemitted, l.compressions_queued
         );
     }
     if let Some(to) = meta_aside {

@@ -26,6 +26,8 @@ pub enum Command {
     Recover(RecoverArgs),
     /// Load generator: drive a running server and report durable-ack throughput.
     Bench(BenchArgs),
+    /// Ask a running server to rotate one session's file, or every active one.
+    Rotate(RotateArgs),
     /// Inspect and verify the write-ahead log (offline).
     Wal {
         /// Which WAL command.
@@ -130,6 +132,81 @@ pub struct ServeArgs {
     /// Log format of the service's own logs.
     #[arg(long, env = "LOGD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Rotate a session's file when it reaches this size.
+    #[arg(long, env = "LOG_MAX_SIZE_BYTES", default_value_t = 64 << 20)]
+    pub max_size_bytes: u64,
+    /// Rotate a session's file this long after it was started.
+    #[arg(long, env = "LOG_MAX_AGE_SECONDS", default_value_t = 3600)]
+    pub max_age_seconds: u64,
+    /// Rotate and close a session's file after this long without frames.
+    #[arg(long, env = "LOG_IDLE_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub idle_timeout_seconds: u64,
+    /// Compression threads for rotated files.
+    #[arg(long, env = "LOGD_COMPRESSION_WORKERS", default_value_t = 1)]
+    pub compression_workers: usize,
+    /// What happens to rotated files and where events go.
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
+}
+
+/// Compression of rotated files and the Redis event stream (shared by
+/// `serve` and `recover`, which finishes interrupted steps).
+#[derive(Debug, Clone, Args)]
+pub struct LifecycleArgs {
+    /// Compression of rotated files.
+    #[arg(long, env = "LOG_COMPRESSION", value_enum, default_value_t = Compression::Gzip)]
+    pub compression: Compression,
+    /// gzip level, 0 (fastest) to 9 (smallest).
+    #[arg(long, env = "LOGD_COMPRESSION_LEVEL", default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub compression_level: u32,
+    /// Redis to mirror file events to, e.g. `redis://127.0.0.1:6379`. Unset: no events.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Encoding of each event's `content` field on the stream.
+    #[arg(long, env = "REDIS_PUBSUB_FORMAT", value_enum, default_value_t = crate::events::Encoding::Json)]
+    pub redis_format: crate::events::Encoding,
+    /// Stream key events are XADDed to.
+    #[arg(long, env = "LOGD_REDIS_STREAM", default_value = "logd:events")]
+    pub redis_stream: String,
+    /// Approximate cap of the stream (`XADD … MAXLEN ~ N`).
+    #[arg(long, env = "LOGD_REDIS_STREAM_MAXLEN", default_value_t = 1_000_000)]
+    pub redis_stream_maxlen: u64,
+    /// Also PUBLISH each event id to this channel (a wake-up ping; at most once).
+    #[arg(long, env = "REDIS_PUBSUB_CHANNEL")]
+    pub redis_pubsub_channel: Option<String>,
+}
+
+impl LifecycleArgs {
+    /// The lifecycle these flags ask for.
+    pub fn lifecycle(&self) -> crate::rotate::Lifecycle {
+        crate::rotate::Lifecycle {
+            gzip_level: (self.compression == Compression::Gzip).then_some(self.compression_level),
+            events: self.redis_url.is_some(),
+        }
+    }
+}
+
+/// Compression of rotated files.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Compression {
+    /// `.log` → `.log.gz` in the background.
+    Gzip,
+    /// Rotated files stay `.log`.
+    None,
+}
+
+/// Arguments of `logd rotate`.
+#[derive(Debug, Clone, Args)]
+pub struct RotateArgs {
+    /// Server to ask.
+    #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// The session to rotate.
+    #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+    pub session: Option<String>,
+    /// Rotate every session with an open file.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// Format of logd's own logs.
@@ -155,6 +232,15 @@ impl ServeArgs {
             return Err(format!(
                 "LOG_FLUSH_INTERVAL_MS {} must be in 1..=60000",
                 self.flush_interval_ms
+            ));
+        }
+        if self.max_size_bytes == 0 || self.max_age_seconds == 0 || self.idle_timeout_seconds == 0 {
+            return Err("LOG_MAX_SIZE_BYTES, LOG_MAX_AGE_SECONDS and LOG_IDLE_TIMEOUT_SECONDS must be > 0".into());
+        }
+        if self.compression_workers == 0 || self.compression_workers > 64 {
+            return Err(format!(
+                "LOGD_COMPRESSION_WORKERS {} must be in 1..=64",
+                self.compression_workers
             ));
         }
         if self.inflight_bytes_max < self.store.max_frame_bytes {
@@ -187,6 +273,9 @@ pub struct RecoverArgs {
     /// and the WAL.
     #[arg(long, conflicts_with = "dry_run")]
     pub rebuild_meta: bool,
+    /// Compression and events, as `serve` has them.
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
 }
 
 /// Which RPC `logd bench` drives.

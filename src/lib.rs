@@ -10,9 +10,12 @@
 
 pub mod bench;
 pub mod config;
+pub mod events;
 pub mod ingest;
 pub mod materialize;
 pub mod meta;
+pub mod mirror;
+pub mod rotate;
 pub mod server;
 pub mod service;
 pub mod validate;

@@ -131,6 +131,7 @@ pub struct SessionFile {
     last_lsn: u64,
     pending: Vec<u8>,
     needs_dir_sync: bool,
+    opened_at_ms: u64,
 }
 
 impl SessionFile {
@@ -174,6 +175,10 @@ impl SessionFile {
             last_lsn,
             pending: Vec::with_capacity(64 << 10),
             needs_dir_sync: !existed,
+            opened_at_ms: match ckpt {
+                Some(c) if existed && c.opened_at_ms > 0 => c.opened_at_ms,
+                _ => crate::events::now_ms(),
+            },
         };
         Ok((sf, repair))
     }
@@ -216,6 +221,11 @@ impl SessionFile {
         true
     }
 
+    /// Bytes written to the file (synced or not).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// Bytes rendered but not yet written.
     pub fn pending_bytes(&self) -> usize {
         self.pending.len()
@@ -250,6 +260,7 @@ impl SessionFile {
     /// The checkpoint as of the last successful sync.
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
+            opened_at_ms: self.opened_at_ms,
             offset: self.synced_offset,
             last_seq: self.last_seq,
             last_lsn: self.last_lsn,
@@ -350,6 +361,25 @@ pub struct Replayer {
     pub per_session: BTreeMap<String, SessionReplay>,
     /// Session files whose checkpoint `prepare` refreshed.
     pub checkpoints_refreshed: u64,
+    /// Compression and events, for finishing interrupted file steps.
+    life: crate::rotate::Lifecycle,
+    /// What `prepare` finished or re-announced.
+    pub lifecycle: LifecycleRepair,
+}
+
+/// File steps the recovery pass finished.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LifecycleRepair {
+    /// Rotations recorded but not finished (renamed now).
+    pub rotations_finished: Vec<String>,
+    /// Compressions whose `.gz` existed (source removed, event recorded).
+    pub compressions_finished: Vec<String>,
+    /// Rotated files re-announced because the store was rebuilt.
+    pub events_reemitted: u64,
+    /// Rotated `.log` files queued for compression because the store was rebuilt.
+    pub compressions_queued: u64,
+    /// Whether the store had no checkpoints while session files existed.
+    pub meta_rebuilt: bool,
 }
 
 /// What replay did for one session.
@@ -378,7 +408,112 @@ impl Replayer {
             files_open_max: 256,
             per_session: BTreeMap::new(),
             checkpoints_refreshed: 0,
+            life: crate::rotate::Lifecycle::default(),
+            lifecycle: LifecycleRepair::default(),
         }
+    }
+
+    /// Finishes interrupted rotations and compressions per `life`.
+    pub fn with_lifecycle(mut self, life: crate::rotate::Lifecycle) -> Self {
+        self.life = life;
+        self
+    }
+
+    /// Finishes recorded rotations and compressions whose `.gz` exists; when
+    /// the store lost everything, re-announces rotated files and queues their
+    /// compression. Returns the highest seq per session in rotated files.
+    fn repair_lifecycle(&mut self) -> Result<HashMap<String, i64>, BoxError> {
+        use crate::rotate::{complete_rotation, parse_rotated_name};
+        let (fs, dir, meta, life) = (self.fs.as_ref(), self.log_dir.as_path(), self.meta.as_ref(), self.life);
+        for rot in meta.rotations()? {
+            if !self.dry_run {
+                complete_rotation(fs, dir, meta, life, &rot)?;
+            }
+            self.lifecycle.rotations_finished.push(rot.to.clone());
+        }
+        for job in meta.compress_jobs()? {
+            let gz = dir.join(format!("{}.gz", job.rotation.to));
+            if fs.exists(&gz) {
+                if !self.dry_run {
+                    crate::rotate::run_compression(fs, dir, meta, life, &job)?;
+                }
+                self.lifecycle.compressions_finished.push(job.rotation.to.clone());
+            }
+        }
+        let mut names: Vec<(String, crate::rotate::RotatedName)> = Vec::new();
+        if fs.exists(dir) {
+            for path in fs.list_dir(dir)? {
+                let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                    continue;
+                };
+                if let Some(r) = parse_rotated_name(name) {
+                    names.push((name.to_owned(), r));
+                }
+            }
+        }
+        names.sort_by(|a, b| (&a.1.session, a.1.first_seq, a.1.gz).cmp(&(&b.1.session, b.1.first_seq, b.1.gz)));
+        let mut floors: HashMap<String, i64> = HashMap::new();
+        for (_, r) in &names {
+            let f = floors.entry(r.session.clone()).or_insert(0);
+            *f = (*f).max(r.last_seq);
+        }
+        let rebuilt = meta.checkpoints()?.is_empty() && (!names.is_empty() || !self.sessions_on_disk()?.is_empty());
+        self.lifecycle.meta_rebuilt = rebuilt;
+        if rebuilt && !self.dry_run {
+            self.reannounce(&names)?;
+        }
+        Ok(floors)
+    }
+
+    /// After a rebuild: events for every rotated file (same deterministic
+    /// ids, so consumers dedupe) and compression for every `.log`.
+    fn reannounce(&mut self, names: &[(String, crate::rotate::RotatedName)]) -> Result<(), BoxError> {
+        use crate::meta::{CompressJob, compress_op, event_op};
+        use crate::rotate::{Rotation, compressed_event, file_stats, rotated_event};
+        let (fs, dir, meta, life) = (self.fs.as_ref(), self.log_dir.as_path(), self.meta.as_ref(), self.life);
+        for (name, r) in names {
+            let log_name = name.strip_suffix(".gz").unwrap_or(name).to_owned();
+            if r.gz && names.iter().any(|(n, _)| *n == log_name) {
+                continue; // the .log is still there: announced with it below
+            }
+            let path = dir.join(name);
+            let mut rot = Rotation {
+                session: r.session.clone(),
+                to: log_name.clone(),
+                stats: crate::rotate::FileStats {
+                    first_seq: r.first_seq,
+                    last_seq: r.last_seq,
+                    ..Default::default()
+                },
+                reason: crate::events::RotateReason::Recovery,
+                rotated_at_ms: crate::events::now_ms(),
+            };
+            let mut ops = Vec::new();
+            if !r.gz {
+                rot.stats = file_stats(fs, &path)?;
+                if life.events {
+                    ops.push(event_op(meta.next_id()?, &rotated_event(&rot)));
+                }
+                if life.gzip_level.is_some() {
+                    ops.push(compress_op(&log_name, Some(&CompressJob { rotation: rot.clone() })));
+                    self.lifecycle.compressions_queued += 1;
+                }
+            } else if life.events {
+                let (bytes_out, crc32) = crate::rotate::checksum(fs, &path)?;
+                let c = crate::rotate::Compressed {
+                    bytes_in: 0,
+                    bytes_out,
+                    crc32,
+                };
+                ops.push(event_op(meta.next_id()?, &rotated_event(&rot)));
+                ops.push(event_op(meta.next_id()?, &compressed_event(&rot, &c)));
+            }
+            self.lifecycle.events_reemitted += ops.iter().filter(|o| o.0 == crate::meta::Tree::Outbox).count() as u64;
+            if !ops.is_empty() {
+                meta.apply(ops)?;
+            }
+        }
+        Ok(())
     }
 
     /// A replayer that changes nothing and only counts.
@@ -461,8 +596,39 @@ impl Replayer {
 
 impl recovery::Materializer for Replayer {
     fn prepare(&mut self) -> Result<(), BoxError> {
-        for session in self.sessions_on_disk()? {
-            let ckpt = self.meta.checkpoint(&session)?;
+        let floors = self.repair_lifecycle()?;
+        let on_disk = self.sessions_on_disk()?;
+        // Sessions whose only files are rotated ones still need their seq.
+        for (session, floor) in &floors {
+            if on_disk.contains(session) || self.dry_run {
+                continue;
+            }
+            let ckpt = self.meta.checkpoint(session)?.unwrap_or_default();
+            if ckpt.last_seq < *floor {
+                self.meta.put_checkpoint(
+                    session,
+                    &Checkpoint {
+                        offset: 0,
+                        last_seq: *floor,
+                        ..ckpt
+                    },
+                )?;
+                self.checkpoints_refreshed += 1;
+            }
+        }
+        for session in on_disk {
+            let stored = self.meta.checkpoint(&session)?;
+            // Rotated files bound the seq from below, even if the store is stale.
+            let floor = floors.get(&session).copied().unwrap_or(0);
+            let ckpt = match stored {
+                Some(c) if c.last_seq >= floor => Some(c),
+                Some(c) => Some(Checkpoint { last_seq: floor, ..c }),
+                None if floor > 0 => Some(Checkpoint {
+                    last_seq: floor,
+                    ..Checkpoint::default()
+                }),
+                None => None,
+            };
             if self.dry_run {
                 let (_, repair) = SessionFile::probe(self.fs.as_ref(), &self.log_dir, &session, ckpt)?;
                 if repair.bytes_trimmed > 0 {
@@ -475,7 +641,7 @@ impl recovery::Materializer for Replayer {
                 self.per_session.entry(session.clone()).or_default().bytes_trimmed += repair.bytes_trimmed;
             }
             let fresh = sf.sync()?;
-            if ckpt != Some(fresh) {
+            if stored != Some(fresh) {
                 self.meta.put_checkpoint(&session, &fresh)?;
                 self.checkpoints_refreshed += 1;
             }

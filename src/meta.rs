@@ -1,13 +1,22 @@
-//! The metadata store: per-session checkpoints (and, later, rotation records
-//! and the event outbox). sled in production, behind [`MetaStore`] so the
-//! power-loss simulation can model "only what was flushed survives".
+//! The metadata store: per-session checkpoints, rotations in progress,
+//! compressions in progress and the event outbox. sled in production
+//! ([`SledMeta`]); [`SimMeta`] in the power-loss simulation, where only what
+//! was flushed survives a crash.
 //!
 //! Never the only record of anything: session files and the WAL are the
-//! truth, and a lost store is rebuilt from them.
+//! truth, and a lost store is rebuilt from them (see `materialize::Replayer`).
+//!
+//! The store is a small set of ordered key-value trees with atomic batches
+//! ([`MetaStore::apply`]); the typed operations are provided methods.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+
+use crate::events::Event;
+use crate::rotate::Rotation;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -15,15 +24,47 @@ pub enum MetaError {
     /// sled failed.
     #[error("meta store: {0}")]
     Sled(#[from] sled::Error),
+    /// A multi-tree transaction failed.
+    #[error("meta store transaction: {0}")]
+    Transaction(String),
     /// A stored value did not decode.
-    #[error("meta store: bad value for {key}: {source}")]
+    #[error("meta store: bad value in {tree:?} for {key}: {source}")]
     Decode {
+        /// The tree.
+        tree: Tree,
         /// Its key.
         key: String,
         /// The decode error.
         #[source]
         source: rmp_serde::decode::Error,
     },
+}
+
+/// The trees of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tree {
+    /// session → [`Checkpoint`].
+    Checkpoints,
+    /// session → [`Rotation`] between its record and its completion.
+    Rotations,
+    /// rotated file name → [`CompressJob`] until its `.log` is removed.
+    Compressions,
+    /// big-endian u64 id → [`Event`], until Redis accepted it.
+    Outbox,
+}
+
+impl Tree {
+    /// Every tree.
+    pub const ALL: [Tree; 4] = [Tree::Checkpoints, Tree::Rotations, Tree::Compressions, Tree::Outbox];
+
+    fn name(self) -> &'static str {
+        match self {
+            Tree::Checkpoints => "checkpoints",
+            Tree::Rotations => "rotations",
+            Tree::Compressions => "compressions",
+            Tree::Outbox => "outbox",
+        }
+    }
 }
 
 /// Where a session's materialization stands. Written after the session file
@@ -34,25 +75,125 @@ pub struct Checkpoint {
     pub offset: u64,
     /// Highest seq materialized for the session (in any of its files).
     pub last_seq: i64,
-    /// LSN of the last WAL record materialized.
+    /// LSN of the last WAL record materialized (or skipped) for it.
     pub last_lsn: u64,
+    /// When the current `.logtmp` was started (unix ms; 0: unknown).
+    #[serde(default)]
+    pub opened_at_ms: u64,
 }
 
-/// A durable key-value store for metadata. Writes become durable at `flush`.
+/// A rotated file waiting for (or in) compression.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompressJob {
+    /// The rotation that produced the file (for the `compressed` event).
+    pub rotation: Rotation,
+}
+
+/// Entries of a tree, in key order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One write of an atomic batch: `None` deletes.
+pub type Op = (Tree, Vec<u8>, Option<Vec<u8>>);
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(v).expect("metadata encodes")
+}
+
+fn dec<T: for<'de> Deserialize<'de>>(tree: Tree, key: &[u8], v: &[u8]) -> Result<T, MetaError> {
+    rmp_serde::from_slice(v).map_err(|source| MetaError::Decode {
+        tree,
+        key: String::from_utf8_lossy(key).into(),
+        source,
+    })
+}
+
+/// A durable store of ordered trees. Writes become durable at `flush`.
 pub trait MetaStore: Send + Sync + 'static {
-    /// The session's checkpoint, if any.
-    fn checkpoint(&self, session: &str) -> Result<Option<Checkpoint>, MetaError>;
-    /// Records a checkpoint (durable after the next `flush`).
-    fn put_checkpoint(&self, session: &str, ckpt: &Checkpoint) -> Result<(), MetaError>;
-    /// Every checkpoint.
-    fn checkpoints(&self) -> Result<Vec<(String, Checkpoint)>, MetaError>;
+    /// The value at `key`.
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError>;
+    /// Applies every op atomically (all or none, also across a crash).
+    fn apply(&self, ops: Vec<Op>) -> Result<(), MetaError>;
+    /// Every entry of a tree, in key order.
+    fn scan(&self, tree: Tree) -> Result<Rows, MetaError>;
     /// Makes every earlier write durable.
     fn flush(&self) -> Result<(), MetaError>;
+    /// A new id, greater than every id returned before (also across restarts).
+    fn next_id(&self) -> Result<u64, MetaError>;
+
+    /// The session's checkpoint, if any.
+    fn checkpoint(&self, session: &str) -> Result<Option<Checkpoint>, MetaError> {
+        let key = session.as_bytes();
+        self.get(Tree::Checkpoints, key)?
+            .map(|v| dec(Tree::Checkpoints, key, &v))
+            .transpose()
+    }
+    /// Records a checkpoint (durable after the next `flush`).
+    fn put_checkpoint(&self, session: &str, ckpt: &Checkpoint) -> Result<(), MetaError> {
+        self.apply(vec![checkpoint_op(session, ckpt)])
+    }
+    /// Every checkpoint.
+    fn checkpoints(&self) -> Result<Vec<(String, Checkpoint)>, MetaError> {
+        let rows = self.scan(Tree::Checkpoints)?;
+        rows.iter()
+            .map(|(k, v)| Ok((String::from_utf8_lossy(k).into_owned(), dec(Tree::Checkpoints, k, v)?)))
+            .collect()
+    }
+    /// Rotations recorded but not finished.
+    fn rotations(&self) -> Result<Vec<Rotation>, MetaError> {
+        self.scan(Tree::Rotations)?
+            .iter()
+            .map(|(k, v)| dec(Tree::Rotations, k, v))
+            .collect()
+    }
+    /// Compressions not finished.
+    fn compress_jobs(&self) -> Result<Vec<CompressJob>, MetaError> {
+        self.scan(Tree::Compressions)?
+            .iter()
+            .map(|(k, v)| dec(Tree::Compressions, k, v))
+            .collect()
+    }
+    /// Up to `max` events of the outbox, oldest first, with their keys.
+    fn outbox(&self, max: usize) -> Result<Vec<(Vec<u8>, Event)>, MetaError> {
+        let rows = self.scan(Tree::Outbox)?;
+        rows.into_iter()
+            .take(max)
+            .map(|(k, v)| Ok((k.clone(), dec(Tree::Outbox, &k, &v)?)))
+            .collect()
+    }
+    /// Events waiting in the outbox.
+    fn outbox_len(&self) -> Result<usize, MetaError> {
+        Ok(self.scan(Tree::Outbox)?.len())
+    }
+}
+
+/// The op that records a checkpoint.
+pub fn checkpoint_op(session: &str, ckpt: &Checkpoint) -> Op {
+    (Tree::Checkpoints, session.as_bytes().to_vec(), Some(enc(ckpt)))
+}
+
+/// The op that records (`Some`) or clears (`None`) a session's rotation.
+pub fn rotation_op(session: &str, rot: Option<&Rotation>) -> Op {
+    (Tree::Rotations, session.as_bytes().to_vec(), rot.map(enc))
+}
+
+/// The op that records (`Some`) or clears (`None`) a compression job.
+pub fn compress_op(name: &str, job: Option<&CompressJob>) -> Op {
+    (Tree::Compressions, name.as_bytes().to_vec(), job.map(enc))
+}
+
+/// The op that appends an event to the outbox under `id`.
+pub fn event_op(id: u64, event: &Event) -> Op {
+    (Tree::Outbox, id.to_be_bytes().to_vec(), Some(enc(event)))
+}
+
+/// The op that removes a delivered event.
+pub fn event_delete_op(key: &[u8]) -> Op {
+    (Tree::Outbox, key.to_vec(), None)
 }
 
 /// sled-backed store (pinned to 0.34.7).
 pub struct SledMeta {
-    checkpoints: sled::Tree,
+    trees: Vec<(Tree, sled::Tree)>,
     db: sled::Db,
 }
 
@@ -60,40 +201,200 @@ impl SledMeta {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, MetaError> {
         let db = sled::Config::new().path(dir).flush_every_ms(Some(1000)).open()?;
-        let checkpoints = db.open_tree("checkpoints")?;
-        Ok(SledMeta { checkpoints, db })
+        let trees = Tree::ALL
+            .iter()
+            .map(|t| Ok((*t, db.open_tree(t.name())?)))
+            .collect::<Result<_, MetaError>>()?;
+        Ok(SledMeta { trees, db })
     }
-}
 
-fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], v: &[u8]) -> Result<T, MetaError> {
-    rmp_serde::from_slice(v).map_err(|source| MetaError::Decode {
-        key: String::from_utf8_lossy(key).into(),
-        source,
-    })
+    fn tree(&self, t: Tree) -> &sled::Tree {
+        &self.trees.iter().find(|(k, _)| *k == t).expect("every tree is open").1
+    }
 }
 
 impl MetaStore for SledMeta {
-    fn checkpoint(&self, session: &str) -> Result<Option<Checkpoint>, MetaError> {
-        self.checkpoints
-            .get(session.as_bytes())?
-            .map(|v| decode(session.as_bytes(), &v))
-            .transpose()
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        Ok(self.tree(tree).get(key)?.map(|v| v.to_vec()))
     }
-    fn put_checkpoint(&self, session: &str, ckpt: &Checkpoint) -> Result<(), MetaError> {
-        let v = rmp_serde::to_vec(ckpt).expect("checkpoint encodes");
-        self.checkpoints.insert(session.as_bytes(), v)?;
-        Ok(())
-    }
-    fn checkpoints(&self) -> Result<Vec<(String, Checkpoint)>, MetaError> {
-        let mut out = Vec::new();
-        for kv in self.checkpoints.iter() {
-            let (k, v) = kv?;
-            out.push((String::from_utf8_lossy(&k).into_owned(), decode(&k, &v)?));
+
+    fn apply(&self, ops: Vec<Op>) -> Result<(), MetaError> {
+        use sled::Transactional;
+        let touched: std::collections::BTreeSet<Tree> = ops.iter().map(|(t, _, _)| *t).collect();
+        if touched.len() <= 1 {
+            // One tree: a sled batch is atomic.
+            let Some(t) = touched.into_iter().next() else {
+                return Ok(());
+            };
+            let mut batch = sled::Batch::default();
+            for (_, k, v) in ops {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+            }
+            return Ok(self.tree(t).apply_batch(batch)?);
         }
-        Ok(out)
+        let trees: Vec<&sled::Tree> = Tree::ALL.iter().map(|t| self.tree(*t)).collect();
+        trees
+            .as_slice()
+            .transaction(|tx| {
+                for (t, k, v) in &ops {
+                    let i = Tree::ALL.iter().position(|x| x == t).expect("known tree");
+                    match v {
+                        Some(v) => tx[i].insert(k.as_slice(), v.as_slice())?,
+                        None => tx[i].remove(k.as_slice())?,
+                    };
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| MetaError::Transaction(format!("{e:?}")))
     }
+
+    fn scan(&self, tree: Tree) -> Result<Rows, MetaError> {
+        self.tree(tree)
+            .iter()
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
+            .collect()
+    }
+
     fn flush(&self) -> Result<(), MetaError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    fn next_id(&self) -> Result<u64, MetaError> {
+        Ok(self.db.generate_id()?)
+    }
+}
+
+type Trees = BTreeMap<Tree, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+/// An in-memory store for the power-loss simulation and tests.
+///
+/// A write is volatile until [`MetaStore::flush`]. [`SimMeta::crash`] loses
+/// every batch not flushed; [`SimMeta::crash_keeping`] keeps a prefix of
+/// them, as sled's background flush (which persists its log in order) may
+/// have written some before the crash. Batches are atomic either way.
+#[derive(Default)]
+pub struct SimMeta {
+    state: Mutex<SimState>,
+}
+
+#[derive(Default)]
+struct SimState {
+    volatile: Trees,
+    durable: Trees,
+    /// Batches applied since the last flush, in order.
+    unflushed: Vec<Vec<Op>>,
+    next_id: u64,
+}
+
+fn apply_ops(trees: &mut Trees, ops: &[Op]) {
+    for (t, k, v) in ops {
+        let tree = trees.entry(*t).or_default();
+        match v {
+            Some(v) => tree.insert(k.clone(), v.clone()),
+            None => tree.remove(k),
+        };
+    }
+}
+
+impl SimMeta {
+    /// An empty store.
+    pub fn new() -> Self {
+        SimMeta::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SimState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Batches not flushed yet.
+    pub fn unflushed(&self) -> usize {
+        self.state().unflushed.len()
+    }
+
+    /// Power loss: only flushed writes survive.
+    pub fn crash(&self) {
+        self.crash_keeping(0);
+    }
+
+    /// Power loss that also keeps the first `keep` unflushed batches.
+    pub fn crash_keeping(&self, keep: usize) {
+        let mut st = self.state();
+        let unflushed = std::mem::take(&mut st.unflushed);
+        for ops in unflushed.iter().take(keep) {
+            apply_ops(&mut st.durable, ops);
+        }
+        st.volatile = st.durable.clone();
+    }
+}
+
+impl MetaStore for SimMeta {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
+        Ok(self.state().volatile.get(&tree).and_then(|t| t.get(key).cloned()))
+    }
+    fn apply(&self, ops: Vec<Op>) -> Result<(), MetaError> {
+        let mut st = self.state();
+        apply_ops(&mut st.volatile, &ops);
+        st.unflushed.push(ops);
+        Ok(())
+    }
+    fn scan(&self, tree: Tree) -> Result<Rows, MetaError> {
+        let st = self.state();
+        Ok(st
+            .volatile
+            .get(&tree)
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
+    fn flush(&self) -> Result<(), MetaError> {
+        let mut st = self.state();
+        st.unflushed.clear();
+        st.durable = st.volatile.clone();
+        Ok(())
+    }
+    fn next_id(&self) -> Result<u64, MetaError> {
+        // Ids must grow across crashes too (sled's generate_id does).
+        let mut st = self.state();
+        st.next_id += 1;
+        Ok(st.next_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sled_batches_across_trees_are_applied_together_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let m = SledMeta::open(dir.path()).unwrap();
+            let ckpt = Checkpoint {
+                offset: 10,
+                last_seq: 3,
+                last_lsn: 7,
+                opened_at_ms: 1,
+            };
+            m.apply(vec![checkpoint_op("s", &ckpt), compress_op("f.log", None)])
+                .unwrap();
+            m.flush().unwrap();
+        }
+        let m = SledMeta::open(dir.path()).unwrap();
+        assert_eq!(m.checkpoint("s").unwrap().unwrap().last_seq, 3);
+        assert!(m.next_id().unwrap() < m.next_id().unwrap());
+    }
+
+    #[test]
+    fn sim_meta_forgets_what_was_not_flushed() {
+        let m = SimMeta::new();
+        m.put_checkpoint("a", &Checkpoint::default()).unwrap();
+        m.flush().unwrap();
+        m.put_checkpoint("b", &Checkpoint::default()).unwrap();
+        m.crash();
+        assert!(m.checkpoint("a").unwrap().is_some());
+        assert!(m.checkpoint("b").unwrap().is_none());
     }
 }

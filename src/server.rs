@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -24,10 +24,13 @@ use crate::config::ServeArgs;
 use crate::ingest::{IngestStats, Sequencer};
 use crate::materialize::Replayer;
 use crate::meta::{MetaStore, SledMeta};
+use crate::mirror::{MirrorConfig, MirrorStats, run_mirror};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::log_service_server::LogServiceServer;
 use crate::service::{AdminSvc, BUDGET_UNIT_BYTES, LogSvc, Shared};
-use crate::writer::{DispatchStats, WriterConfig, run_dispatcher};
+use crate::writer::{
+    COMPRESS_QUEUE_MAX, DispatchStats, RotationLimits, WriterConfig, run_compression_pool, run_dispatcher,
+};
 
 /// Requests staged into one group commit at most.
 const COMMIT_BATCH_REQUESTS_MAX: usize = 4096;
@@ -128,13 +131,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _lock = StateLock::acquire(&store.state_dir())?;
     let (meta, _meta_aside) = open_meta(&store.meta_dir(), false)?;
     let wal_opts = store.wal_options().map_err(anyhow::Error::msg)?;
+    let life = args.lifecycle.lifecycle();
 
     info!("recovery: replaying the WAL into session files");
     let (wal, report) = {
         let (fs, log_dir, meta, wal_dir) = (fs.clone(), store.log_dir.clone(), meta.clone(), store.wal_dir());
         tokio::task::spawn_blocking(move || {
-            let mut replayer = Replayer::new(fs.clone(), &log_dir, meta);
-            recovery::run(fs, &wal_dir, wal_opts, &mut replayer, |_| {})
+            let mut replayer = Replayer::new(fs.clone(), &log_dir, meta).with_lifecycle(life);
+            let out = recovery::run(fs, &wal_dir, wal_opts, &mut replayer, |_| {});
+            let l = &replayer.lifecycle;
+            if l.meta_rebuilt {
+                warn!(events_reemitted = l.events_reemitted, compressions_queued = l.compressions_queued,
+                    "recovery: the metadata store held no checkpoints; rebuilt it from the session files and the WAL");
+            }
+            if !l.rotations_finished.is_empty() || !l.compressions_finished.is_empty() {
+                info!(rotations = ?l.rotations_finished, compressions = ?l.compressions_finished, "recovery: finished interrupted file steps");
+            }
+            out
         })
         .await??
     };
@@ -160,22 +173,57 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let wal_stats = wal.stats();
     let sequencer = Sequencer::new(meta.clone(), to_dispatcher, budget.clone(), stats.clone());
     let commit = wal::GroupCommit::start(wal, sequencer, COMMIT_BATCH_REQUESTS_MAX);
+    let (compress_tx, compress_rx) = mpsc::channel(COMPRESS_QUEUE_MAX);
+    let events_added = Arc::new(Notify::new());
     let writer_cfg = WriterConfig {
         fs: fs.clone(),
         log_dir: store.log_dir.clone(),
         meta: meta.clone(),
         flush_interval: Duration::from_millis(args.flush_interval_ms),
+        limits: RotationLimits {
+            file_bytes_max: args.max_size_bytes,
+            file_age_max: Duration::from_secs(args.max_age_seconds),
+            idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
+        },
+        life,
+        compress_tx,
+        events_added: events_added.clone(),
+        stats: dispatch_stats.clone(),
     };
+    let pool = tokio::spawn(run_compression_pool(
+        writer_cfg.clone(),
+        compress_rx,
+        args.compression_workers,
+    ));
+    let (control_tx, control_rx) = mpsc::channel(64);
     let dispatcher = tokio::spawn(run_dispatcher(
         writer_cfg,
         dispatcher_rx,
+        control_rx,
         budget.clone(),
         segments.clone(),
         start_lsn,
-        dispatch_stats.clone(),
     ));
 
     let shutdown = CancellationToken::new();
+    let mirror_stats = Arc::new(MirrorStats::default());
+    // Only now, after the recovery pass, may events go out.
+    let mirror = args.lifecycle.redis_url.clone().map(|url| {
+        let cfg = MirrorConfig {
+            url,
+            stream: args.lifecycle.redis_stream.clone(),
+            maxlen: args.lifecycle.redis_stream_maxlen,
+            encoding: args.lifecycle.redis_format,
+            pubsub_channel: args.lifecycle.redis_pubsub_channel.clone(),
+        };
+        tokio::spawn(run_mirror(
+            cfg,
+            meta.clone(),
+            events_added.clone(),
+            shutdown.clone(),
+            mirror_stats.clone(),
+        ))
+    });
     let shared = Shared {
         submitter: commit.submitter(),
         budget,
@@ -186,6 +234,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         wal_stats,
         segments,
         shutdown: shutdown.clone(),
+        control: control_tx,
+        meta: meta.clone(),
+        mirror: mirror_stats,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -216,7 +267,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(shared);
     let (_wal, _sequencer) = tokio::task::spawn_blocking(move || commit.shutdown()).await?;
     drop(_sequencer); // closes the dispatcher's input
-    dispatcher.await?;
+    dispatcher.await?; // drops the last compression-queue sender
+    pool.await?;
+    if let Some(m) = mirror {
+        m.await?;
+    }
     meta.flush().context("final metadata flush")?;
     info!("shutdown complete");
     Ok(())

@@ -16,13 +16,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ingest::{IngestReply, IngestRequest, IngestStats, Outcome};
+use crate::meta::MetaStore;
+use crate::mirror::MirrorStats;
 use crate::pb::admin_service_server::AdminService;
 use crate::pb::log_service_server::LogService;
 use crate::pb::{
-    LogBatch, LogFrame, Rejection, SessionRange, StatsRequest, StatsResponse, WriteLogAck, WriteLogResponse,
+    LogBatch, LogFrame, Rejection, RotateRequest, RotateResponse, SessionRange, StatsRequest, StatsResponse,
+    WriteLogAck, WriteLogResponse,
 };
 use crate::validate::validate;
-use crate::writer::DispatchStats;
+use crate::writer::{Control, DispatchStats};
 
 /// Rejections listed in one response (the count is always exact).
 pub const REJECTIONS_LISTED_MAX: usize = 100;
@@ -56,6 +59,12 @@ pub struct Shared {
     pub segments: wal::Segments,
     /// Cancelled when the server starts shutting down.
     pub shutdown: CancellationToken,
+    /// Requests to the dispatcher (manual rotation).
+    pub control: mpsc::Sender<Control>,
+    /// The metadata store (outbox size).
+    pub meta: Arc<dyn MetaStore>,
+    /// Redis mirror counters.
+    pub mirror: Arc<MirrorStats>,
 }
 
 /// Frames of one stream waiting for their fsync, with the rejections that
@@ -433,6 +442,45 @@ impl AdminService for AdminSvc {
             active_sessions: s.dispatch.active_sessions.load(Ordering::Relaxed),
             wal_next_lsn: s.dispatch.routed_through.load(Ordering::Relaxed) + 1,
             wal_removable_below_lsn: s.dispatch.removable_below_lsn.load(Ordering::Relaxed),
+            rotations_size: s.dispatch.rotations[0].load(Ordering::Relaxed),
+            rotations_age: s.dispatch.rotations[1].load(Ordering::Relaxed),
+            rotations_idle: s.dispatch.rotations[2].load(Ordering::Relaxed),
+            rotations_manual: s.dispatch.rotations[3].load(Ordering::Relaxed),
+            evictions: s.dispatch.evictions.load(Ordering::Relaxed),
+            compress_backlog: s.dispatch.compress_backlog.load(Ordering::Relaxed),
+            compressed_files: s.dispatch.compressed_files.load(Ordering::Relaxed),
+            compress_bytes_in: s.dispatch.compress_bytes_in.load(Ordering::Relaxed),
+            compress_bytes_out: s.dispatch.compress_bytes_out.load(Ordering::Relaxed),
+            outbox_events: s.meta.outbox_len().unwrap_or(0) as u64,
+            events_published: s.mirror.published.load(Ordering::Relaxed),
+            events_failed: s.mirror.failed.load(Ordering::Relaxed),
+            open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
         }))
+    }
+
+    async fn rotate(&self, request: Request<RotateRequest>) -> Result<Response<RotateResponse>, Status> {
+        let req = request.into_inner();
+        let session = if req.all {
+            None
+        } else {
+            if !crate::validate::session_id_is_valid(&req.session_id) {
+                return Err(Status::invalid_argument(format!(
+                    "invalid session_id {:?}",
+                    req.session_id
+                )));
+            }
+            Some(req.session_id)
+        };
+        let (tx, rx) = oneshot::channel();
+        let unavailable = || Status::unavailable("server is shutting down");
+        self.shared
+            .control
+            .send(Control::Rotate { session, reply: tx })
+            .await
+            .map_err(|_| unavailable())?;
+        match rx.await.map_err(|_| unavailable())? {
+            Ok(files) => Ok(Response::new(RotateResponse { files })),
+            Err(e) => Err(Status::internal(format!("rotation failed: {e}"))),
+        }
     }
 }

@@ -1,38 +1,57 @@
 //! The ingest pipeline's back half: the dispatcher routes durable frames to
 //! one writer task per active session; each writer owns its `.logtmp`
-//! ([`SessionFile`]), fdatasyncs it every flush interval and records a
-//! checkpoint. The dispatcher collects checkpoints and deletes WAL segments
-//! every session has materialized.
+//! ([`SessionFile`]), fdatasyncs it every flush interval, records a
+//! checkpoint, and rotates the file on size, age, idle time or request
+//! ([`crate::rotate`]). A writer idle past the timeout rotates, closes its
+//! file and stops; the session comes back on its next frame. Rotated files
+//! go to a bounded compression pool. The dispatcher collects checkpoints and
+//! deletes WAL segments every session has materialized.
 //!
 //! Channels: commit thread → dispatcher is unbounded but its content is
 //! bounded by the admission budget (released only after routing); dispatcher
 //! → writer is bounded (`WRITER_QUEUE_MAX` batches), so a slow writer pushes
-//! back all the way to the clients.
+//! back all the way to the clients; the compression queue is bounded and a
+//! full queue leaves the job in the store for the next pass.
 //!
 //! Shutdown: when the commit thread drops its sender, the dispatcher routes
 //! what is left, closes every writer's queue, and each writer syncs,
 //! checkpoints and reports before the dispatcher flushes the store and
-//! returns.
+//! returns. Shutdown does not rotate: the next start continues the `.logtmp`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 use wal::Segments;
 use wal::fs::Fs;
 
+use crate::events::{RotateReason, now_ms};
 use crate::ingest::Durable;
 use crate::materialize::SessionFile;
-use crate::meta::{Checkpoint, MetaStore};
+use crate::meta::{CompressJob, MetaStore};
 use crate::pb::LogFrame;
+use crate::rotate::{Lifecycle, Rotation, rotate_synced, run_compression};
 
 /// Batches queued for one writer before the dispatcher waits.
 pub const WRITER_QUEUE_MAX: usize = 64;
+/// Compression jobs queued before new ones wait in the store only.
+pub const COMPRESS_QUEUE_MAX: usize = 1024;
+
+/// When files rotate.
+#[derive(Debug, Clone, Copy)]
+pub struct RotationLimits {
+    /// Rotate when the `.logtmp` reaches this size.
+    pub file_bytes_max: u64,
+    /// Rotate when the `.logtmp` is this old.
+    pub file_age_max: Duration,
+    /// Rotate, close and stop a writer idle this long.
+    pub idle_timeout: Duration,
+}
 
 /// Settings of the writers.
 #[derive(Clone)]
@@ -45,9 +64,19 @@ pub struct WriterConfig {
     pub meta: Arc<dyn MetaStore>,
     /// How often a writer fdatasyncs and checkpoints.
     pub flush_interval: Duration,
+    /// Rotation triggers.
+    pub limits: RotationLimits,
+    /// Compression and events.
+    pub life: Lifecycle,
+    /// Rotated files waiting for compression.
+    pub compress_tx: mpsc::Sender<CompressJob>,
+    /// Woken when an event enters the outbox.
+    pub events_added: Arc<Notify>,
+    /// Counters.
+    pub stats: Arc<DispatchStats>,
 }
 
-/// Live counters of the dispatcher.
+/// Live counters of the dispatcher, writers and compression pool.
 #[derive(Debug, Default)]
 pub struct DispatchStats {
     /// Sessions with a running writer.
@@ -56,10 +85,50 @@ pub struct DispatchStats {
     pub removable_below_lsn: AtomicU64,
     /// LSN of the last record handed to a writer.
     pub routed_through: AtomicU64,
+    /// Rotations by reason: size, age, idle, manual.
+    pub rotations: [AtomicU64; 4],
+    /// Writers stopped after their idle timeout.
+    pub evictions: AtomicU64,
+    /// Compression jobs queued or running.
+    pub compress_backlog: AtomicU64,
+    /// Files compressed.
+    pub compressed_files: AtomicU64,
+    /// Bytes into and out of compression.
+    pub compress_bytes_in: AtomicU64,
+    /// Bytes out of compression.
+    pub compress_bytes_out: AtomicU64,
+}
+
+fn reason_index(r: RotateReason) -> usize {
+    match r {
+        RotateReason::Size => 0,
+        RotateReason::Age => 1,
+        RotateReason::Idle => 2,
+        RotateReason::Manual | RotateReason::Recovery => 3,
+    }
+}
+
+/// What a writer is asked to do.
+pub enum WriterMsg {
+    /// Materialize these durable frames.
+    Frames(Vec<(u64, LogFrame)>),
+    /// Rotate now; the reply names the rotated file (None: file was empty).
+    Rotate(oneshot::Sender<Result<Option<String>, String>>),
+}
+
+/// Control requests to the dispatcher (from the admin service).
+pub enum Control {
+    /// Rotate one session (`Some`) or every active one (`None`).
+    Rotate {
+        /// The session, or all.
+        session: Option<String>,
+        /// Rotated file names, or why not.
+        reply: oneshot::Sender<Result<Vec<String>, String>>,
+    },
 }
 
 struct WriterHandle {
-    tx: mpsc::Sender<Vec<(u64, LogFrame)>>,
+    tx: mpsc::Sender<WriterMsg>,
     join: JoinHandle<()>,
 }
 
@@ -142,23 +211,26 @@ impl CheckpointTracker {
     }
 }
 
-/// A writer's report: the session's checkpoint now covers records up to `lsn`.
-struct CheckpointReport {
-    session: String,
-    lsn: u64,
+/// A writer's news for the dispatcher.
+enum Report {
+    /// The session's checkpoint now covers records up to `lsn`.
+    Checkpointed { session: String, lsn: u64 },
+    /// The writer stopped (idle); it took no frame after its last checkpoint.
+    Stopped { session: String },
 }
 
 /// Runs the dispatcher until `rx` closes, then shuts every writer down.
-/// `routed_through` is the LSN below which everything is materialized at start.
+/// Records below `start_lsn` are materialized at start.
 pub async fn run_dispatcher(
     cfg: WriterConfig,
     mut rx: mpsc::UnboundedReceiver<Durable>,
+    mut control: mpsc::Receiver<Control>,
     budget: Arc<Semaphore>,
     segments: Segments,
     start_lsn: u64,
-    stats: Arc<DispatchStats>,
 ) {
-    let (ckpt_tx, mut ckpt_rx) = mpsc::unbounded_channel::<CheckpointReport>();
+    let stats = cfg.stats.clone();
+    let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
     let mut writers: HashMap<String, WriterHandle> = HashMap::new();
     let mut tracker = CheckpointTracker::new(start_lsn);
     let mut removed_below = 0u64;
@@ -169,13 +241,22 @@ pub async fn run_dispatcher(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(batch) = msg else { break };
-                route(&cfg, &mut writers, &mut tracker, batch.frames, &ckpt_tx).await;
+                route(&cfg, &mut writers, &mut tracker, batch.frames, &report_tx).await;
                 budget.add_permits(batch.budget_units as usize);
                 stats.routed_through.store(tracker.last_routed(), Ordering::Relaxed);
-                stats.active_sessions.store(writers.len() as u64, Ordering::Relaxed);
             }
-            Some(report) = ckpt_rx.recv() => tracker.checkpointed(&report.session, report.lsn),
+            Some(ctl) = control.recv() => rotate_on_request(&cfg, &mut writers, &report_tx, ctl).await,
+            Some(report) = report_rx.recv() => match report {
+                Report::Checkpointed { session, lsn } => tracker.checkpointed(&session, lsn),
+                Report::Stopped { session } => {
+                    if writers.get(&session).is_some_and(|w| w.tx.is_closed()) {
+                        writers.remove(&session);
+                        tracker.forget(&session);
+                    }
+                }
+            },
             _ = tick.tick() => {
+                stats.active_sessions.store(writers.len() as u64, Ordering::Relaxed);
                 let safe = tracker.safe_lsn();
                 stats.removable_below_lsn.store(safe, Ordering::Relaxed);
                 if let Some(h) = &removal && h.is_finished() {
@@ -197,10 +278,67 @@ pub async fn run_dispatcher(
     if let Some(h) = removal {
         let _ = h.await;
     }
-    while let Ok(report) = ckpt_rx.try_recv() {
-        tracker.checkpointed(&report.session, report.lsn);
+    while let Ok(report) = report_rx.try_recv() {
+        if let Report::Checkpointed { session, lsn } = report {
+            tracker.checkpointed(&session, lsn);
+        }
     }
     let _ = spawn_removal(cfg.meta.clone(), segments, tracker.safe_lsn()).await;
+}
+
+/// Asks the writer(s) to rotate and answers with the rotated files, without
+/// blocking the dispatcher while they work.
+async fn rotate_on_request(
+    cfg: &WriterConfig,
+    writers: &mut HashMap<String, WriterHandle>,
+    report_tx: &mpsc::UnboundedSender<Report>,
+    ctl: Control,
+) {
+    let Control::Rotate { session, reply } = ctl;
+    let targets: Vec<String> = match session {
+        Some(s) => vec![s],
+        None => writers.keys().cloned().collect(),
+    };
+    let mut waits = Vec::new();
+    for s in targets {
+        let (tx, rx) = oneshot::channel();
+        let w = writer_for(cfg, writers, report_tx, &s);
+        if w.tx.send(WriterMsg::Rotate(tx)).await.is_ok() {
+            waits.push(rx);
+        }
+    }
+    tokio::spawn(async move {
+        let mut files = Vec::new();
+        for rx in waits {
+            match rx.await {
+                Ok(Ok(Some(f))) => files.push(f),
+                Ok(Ok(None)) | Err(_) => {}
+                Ok(Err(e)) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+        }
+        let _ = reply.send(Ok(files));
+    });
+}
+
+/// The session's writer, started if it is not running.
+fn writer_for<'a>(
+    cfg: &WriterConfig,
+    writers: &'a mut HashMap<String, WriterHandle>,
+    report_tx: &mpsc::UnboundedSender<Report>,
+    session: &str,
+) -> &'a mut WriterHandle {
+    let stale = writers.get(session).is_some_and(|w| w.tx.is_closed());
+    if stale {
+        writers.remove(session);
+    }
+    writers.entry(session.to_owned()).or_insert_with(|| {
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE_MAX);
+        let join = tokio::spawn(run_writer(cfg.clone(), session.to_owned(), rx, report_tx.clone()));
+        WriterHandle { tx, join }
+    })
 }
 
 /// Flushes the checkpoint store, then deletes segments below `safe`.
@@ -208,7 +346,7 @@ pub async fn run_dispatcher(
 fn spawn_removal(meta: Arc<dyn MetaStore>, segments: Segments, safe: u64) -> JoinHandle<u64> {
     tokio::task::spawn_blocking(move || {
         // Checkpoints must be durable before the WAL records they cover go:
-        // recovery trusts a checkpoint's offset to cut a session file back to.
+        // recovery starts from a checkpoint's offset when it scans a file.
         if let Err(e) = meta.flush() {
             error!("meta store flush failed, keeping WAL segments: {e}");
             return 0;
@@ -234,7 +372,7 @@ async fn route(
     writers: &mut HashMap<String, WriterHandle>,
     tracker: &mut CheckpointTracker,
     frames: Vec<(u64, LogFrame)>,
-    ckpt_tx: &mpsc::UnboundedSender<CheckpointReport>,
+    report_tx: &mpsc::UnboundedSender<Report>,
 ) {
     let Some(&(last_lsn, _)) = frames.last() else { return };
     let mut by_session: HashMap<String, Vec<(u64, LogFrame)>> = HashMap::new();
@@ -248,19 +386,15 @@ async fn route(
     }
     for (session, batch) in by_session {
         tracker.routed(&session, batch[0].0, batch[batch.len() - 1].0);
-        let w = match writers.get_mut(&session) {
-            Some(w) => w,
-            None => {
-                let (tx, rx) = mpsc::channel(WRITER_QUEUE_MAX);
-                let join = tokio::spawn(run_writer(cfg.clone(), session.clone(), rx, ckpt_tx.clone()));
-                writers.entry(session.clone()).or_insert(WriterHandle { tx, join })
+        let mut msg = WriterMsg::Frames(batch);
+        // A writer that stopped (idle) between our look and the send hands
+        // the batch back; a fresh writer takes it.
+        for _ in 0..2 {
+            let w = writer_for(cfg, writers, report_tx, &session);
+            match w.tx.send(msg).await {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => msg = back,
             }
-        };
-        if w.tx.send(batch).await.is_err() {
-            error!(
-                session,
-                "session writer is gone; its frames stay in the WAL until restart"
-            );
         }
     }
     tracker.routed_through(last_lsn);
@@ -270,111 +404,327 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking task panicked")
 }
 
-/// One session's writer: appends lines, syncs and checkpoints every flush
-/// interval and once more on shutdown.
-async fn run_writer(
+/// A session writer's state between messages.
+struct Writer {
     cfg: WriterConfig,
     session: String,
-    mut rx: mpsc::Receiver<Vec<(u64, LogFrame)>>,
-    ckpt_tx: mpsc::UnboundedSender<CheckpointReport>,
-) {
-    let opened = {
-        let (fs, dir, meta, s) = (cfg.fs.clone(), cfg.log_dir.clone(), cfg.meta.clone(), session.clone());
-        blocking(move || -> Result<SessionFile, String> {
+    file: Option<SessionFile>,
+    dirty: bool,
+    failed: bool,
+    last_frame_at: Instant,
+    report_tx: mpsc::UnboundedSender<Report>,
+}
+
+impl Writer {
+    /// Opens the session's file if it is not open.
+    async fn ensure_open(&mut self) -> bool {
+        if self.file.is_some() {
+            return true;
+        }
+        let (fs, dir, meta, s) = (
+            self.cfg.fs.clone(),
+            self.cfg.log_dir.clone(),
+            self.cfg.meta.clone(),
+            self.session.clone(),
+        );
+        let opened = blocking(move || -> Result<SessionFile, String> {
             let ckpt = meta.checkpoint(&s).map_err(|e| e.to_string())?;
             let (sf, repair) = SessionFile::open(fs, &dir, &s, ckpt).map_err(|e| e.to_string())?;
             if repair.bytes_trimmed > 0 {
                 warn!(
                     session = s,
                     bytes = repair.bytes_trimmed,
-                    "trimmed session file to its checkpoint"
+                    "trimmed a torn end of the session file"
                 );
             }
             Ok(sf)
         })
-        .await
-    };
-    let mut sf = match opened {
-        Ok(sf) => sf,
-        Err(e) => {
-            error!(
-                session,
-                "cannot open session file: {e}; frames stay in the WAL until restart"
-            );
-            while rx.recv().await.is_some() {}
-            return;
-        }
-    };
-    let mut dirty = false;
-    let mut failed = false;
-    let mut tick = tokio::time::interval(cfg.flush_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            msg = rx.recv() => {
-                let Some(batch) = msg else { break };
-                if failed {
-                    continue; // durable in the WAL; a restart replays it
-                }
-                for (lsn, frame) in &batch {
-                    sf.append(*lsn, frame);
-                }
-                if let Err(e) = sf.write_pending() {
-                    error!(session, "write to {} failed: {e}; session stops until restart", sf.path().display());
-                    failed = true;
-                }
-                wal::crash_point!("writer::after_write");
-                dirty = true;
+        .await;
+        match opened {
+            Ok(sf) => {
+                self.file = Some(sf);
+                true
             }
-            _ = tick.tick(), if dirty && !failed => {
-                let (back, res) = blocking(move || { let r = sf.sync(); (sf, r) }).await;
-                sf = back;
-                dirty = false;
-                failed = !checkpoint(&cfg, &session, res, &ckpt_tx);
+            Err(e) => {
+                error!(
+                    session = self.session,
+                    "cannot open session file: {e}; frames stay in the WAL until restart"
+                );
+                self.failed = true;
+                false
             }
         }
     }
-    if dirty && !failed {
-        let (back, res) = blocking(move || {
+
+    async fn frames(&mut self, batch: Vec<(u64, LogFrame)>) {
+        self.last_frame_at = Instant::now();
+        if self.failed || !self.ensure_open().await {
+            return; // durable in the WAL; a restart replays it
+        }
+        let sf = self.file.as_mut().expect("open");
+        for (lsn, frame) in &batch {
+            sf.append(*lsn, frame);
+        }
+        if let Err(e) = sf.write_pending() {
+            error!(
+                session = self.session,
+                "write to {} failed: {e}; session stops until restart",
+                sf.path().display()
+            );
+            self.failed = true;
+        }
+        wal::crash_point!("writer::after_write");
+        self.dirty = true;
+        if sf.offset() >= self.cfg.limits.file_bytes_max {
+            self.rotate(RotateReason::Size).await.ok();
+        }
+    }
+
+    /// fdatasync + checkpoint; false if it failed (the writer then stops:
+    /// after an fdatasync error nothing about the file is known, so it is
+    /// never retried; the WAL keeps the frames for the next start).
+    async fn sync(&mut self) -> bool {
+        if self.failed {
+            return false;
+        }
+        let Some(mut sf) = self.file.take() else { return true };
+        let (sf, synced) = blocking(move || {
             let r = sf.sync();
             (sf, r)
         })
         .await;
-        sf = back;
-        checkpoint(&cfg, &session, res, &ckpt_tx);
-    }
-    drop(sf);
-}
-
-/// Records a checkpoint after a sync; false if the sync failed (the writer
-/// then stops: after an fdatasync error nothing about the file is known, so
-/// it is never retried; the WAL keeps the frames for the next start).
-fn checkpoint(
-    cfg: &WriterConfig,
-    session: &str,
-    synced: std::io::Result<Checkpoint>,
-    ckpt_tx: &mpsc::UnboundedSender<CheckpointReport>,
-) -> bool {
-    match synced {
-        Ok(ckpt) => {
-            wal::crash_point!("writer::after_fsync");
-            if let Err(e) = cfg.meta.put_checkpoint(session, &ckpt) {
-                error!(session, "checkpoint write failed: {e}");
+        self.file = Some(sf);
+        self.dirty = false;
+        let ckpt = match synced {
+            Ok(c) => c,
+            Err(e) => {
+                error!(
+                    session = self.session,
+                    "fdatasync of session file failed: {e}; session stops until restart"
+                );
+                self.failed = true;
                 return false;
             }
-            wal::crash_point!("writer::after_checkpoint_put");
-            let _ = ckpt_tx.send(CheckpointReport {
-                session: session.to_owned(),
-                lsn: ckpt.last_lsn,
-            });
-            true
+        };
+        wal::crash_point!("writer::after_fsync");
+        if let Err(e) = self.cfg.meta.put_checkpoint(&self.session, &ckpt) {
+            error!(session = self.session, "checkpoint write failed: {e}");
+            self.failed = true;
+            return false;
         }
-        Err(e) => {
-            error!(
-                session,
-                "fdatasync of session file failed: {e}; session stops until restart"
-            );
-            false
+        wal::crash_point!("writer::after_checkpoint_put");
+        let _ = self.report_tx.send(Report::Checkpointed {
+            session: self.session.clone(),
+            lsn: ckpt.last_lsn,
+        });
+        true
+    }
+
+    /// Rotates the open file (if it holds anything). Returns its new name.
+    async fn rotate(&mut self, reason: RotateReason) -> Result<Option<String>, String> {
+        if self.failed {
+            return Err(format!("session {} is stopped after an I/O error", self.session));
+        }
+        if self.file.is_none() && !self.ensure_open().await {
+            return Err(format!("session {}: cannot open its file", self.session));
+        }
+        if !self.sync().await {
+            return Err(format!("session {}: fdatasync failed", self.session));
+        }
+        let sf = self.file.take().expect("open");
+        let ckpt = sf.checkpoint();
+        drop(sf); // closes the file before the rename
+        let cfg = self.cfg.clone();
+        let session = self.session.clone();
+        let rotated: Result<Option<Rotation>, String> = blocking(move || {
+            rotate_synced(
+                cfg.fs.as_ref(),
+                &cfg.log_dir,
+                cfg.meta.as_ref(),
+                cfg.life,
+                &session,
+                ckpt,
+                reason,
+            )
+            .map_err(|e| e.to_string())
+        })
+        .await;
+        match rotated {
+            Ok(Some(rot)) => {
+                self.cfg.stats.rotations[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+                info!(
+                    session = self.session,
+                    file = rot.to,
+                    ?reason,
+                    frames = rot.stats.frames,
+                    "rotated"
+                );
+                if self.cfg.life.events {
+                    self.cfg.events_added.notify_one();
+                }
+                if self.cfg.life.gzip_level.is_some() {
+                    self.cfg.stats.compress_backlog.fetch_add(1, Ordering::Relaxed);
+                    if self
+                        .cfg
+                        .compress_tx
+                        .try_send(CompressJob { rotation: rot.clone() })
+                        .is_err()
+                    {
+                        // The job is in the store; the pool's next sweep takes it.
+                        self.cfg.stats.compress_backlog.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(Some(rot.to))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                error!(
+                    session = self.session,
+                    "rotation failed: {e}; session stops until restart"
+                );
+                self.failed = true;
+                Err(e)
+            }
         }
     }
+
+    /// Whether the open file is older than the age limit.
+    fn too_old(&self) -> bool {
+        let Some(sf) = &self.file else { return false };
+        let age_ms = now_ms().saturating_sub(sf.checkpoint().opened_at_ms);
+        sf.offset() > 0 && age_ms >= self.cfg.limits.file_age_max.as_millis() as u64
+    }
+}
+
+/// One session's writer: appends lines, syncs and checkpoints every flush
+/// interval (and once more on shutdown), rotates, and stops when idle.
+async fn run_writer(
+    cfg: WriterConfig,
+    session: String,
+    mut rx: mpsc::Receiver<WriterMsg>,
+    report_tx: mpsc::UnboundedSender<Report>,
+) {
+    let flush_interval = cfg.flush_interval;
+    let idle_timeout = cfg.limits.idle_timeout;
+    let mut w = Writer {
+        cfg,
+        session,
+        file: None,
+        dirty: false,
+        failed: false,
+        last_frame_at: Instant::now(),
+        report_tx,
+    };
+    let mut tick = tokio::time::interval(flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(WriterMsg::Frames(batch)) => w.frames(batch).await,
+                Some(WriterMsg::Rotate(reply)) => {
+                    let _ = reply.send(w.rotate(RotateReason::Manual).await);
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if w.dirty {
+                    w.sync().await;
+                }
+                if !w.failed && w.too_old() {
+                    w.rotate(RotateReason::Age).await.ok();
+                }
+                if w.last_frame_at.elapsed() >= idle_timeout {
+                    if !w.failed && w.file.as_ref().is_some_and(|f| f.offset() > 0) {
+                        w.rotate(RotateReason::Idle).await.ok();
+                    }
+                    // Stop taking frames; whatever was already queued is
+                    // still written (into a new file) before the task ends.
+                    rx.close();
+                    while let Some(msg) = rx.recv().await {
+                        match msg {
+                            WriterMsg::Frames(batch) => w.frames(batch).await,
+                            WriterMsg::Rotate(reply) => {
+                                let _ = reply.send(w.rotate(RotateReason::Manual).await);
+                            }
+                        }
+                    }
+                    if w.dirty {
+                        w.sync().await;
+                    }
+                    w.cfg.stats.evictions.fetch_add(1, Ordering::Relaxed);
+                    let _ = w.report_tx.send(Report::Stopped { session: w.session.clone() });
+                    return;
+                }
+            }
+        }
+    }
+    if w.dirty {
+        w.sync().await;
+    }
+}
+
+/// Runs compression jobs, at most `workers` at a time, off the ingest path.
+/// Jobs come from the writers and, at start and every minute, from the
+/// store (jobs that did not fit the queue or were left by a crash).
+pub async fn run_compression_pool(cfg: WriterConfig, mut jobs: mpsc::Receiver<CompressJob>, workers: usize) {
+    let slots = Arc::new(Semaphore::new(workers.max(1)));
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
+    let mut in_flight: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    loop {
+        let job = tokio::select! {
+            j = jobs.recv() => match j { Some(j) => j, None => break },
+            Some(name) = done_rx.recv() => { in_flight.remove(&name); continue; }
+            _ = sweep.tick() => {
+                let stored = cfg.meta.compress_jobs().unwrap_or_default();
+                let fresh: Vec<CompressJob> = stored.into_iter().filter(|j| !in_flight.contains(&j.rotation.to)).collect();
+                cfg.stats.compress_backlog.store((fresh.len() + in_flight.len()) as u64, Ordering::Relaxed);
+                for j in fresh {
+                    start_job(&cfg, &slots, &mut in_flight, &done_tx, j).await;
+                }
+                continue;
+            }
+        };
+        if !in_flight.contains(&job.rotation.to) {
+            start_job(&cfg, &slots, &mut in_flight, &done_tx, job).await;
+        }
+    }
+    // Let running jobs finish (the rest stay in the store for next start).
+    let _ = slots.acquire_many(workers.max(1) as u32).await;
+}
+
+async fn start_job(
+    cfg: &WriterConfig,
+    slots: &Arc<Semaphore>,
+    in_flight: &mut std::collections::HashSet<String>,
+    done_tx: &mpsc::UnboundedSender<String>,
+    job: CompressJob,
+) {
+    let permit = slots.clone().acquire_owned().await.expect("pool semaphore open");
+    in_flight.insert(job.rotation.to.clone());
+    let (cfg, done_tx) = (cfg.clone(), done_tx.clone());
+    tokio::task::spawn_blocking(move || {
+        let name = job.rotation.to.clone();
+        match run_compression(cfg.fs.as_ref(), &cfg.log_dir, cfg.meta.as_ref(), cfg.life, &job) {
+            Ok(c) => {
+                let s = &cfg.stats;
+                s.compressed_files.fetch_add(1, Ordering::Relaxed);
+                s.compress_bytes_in.fetch_add(c.bytes_in, Ordering::Relaxed);
+                s.compress_bytes_out.fetch_add(c.bytes_out, Ordering::Relaxed);
+                if cfg.life.events {
+                    cfg.events_added.notify_one();
+                }
+            }
+            Err(e) => error!(
+                file = name,
+                "compression failed: {e}; the .log stays and is retried later"
+            ),
+        }
+        let _ = cfg
+            .stats
+            .compress_backlog
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+        let _ = done_tx.send(name);
+        drop(permit);
+    });
 }

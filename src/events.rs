@@ -1,0 +1,154 @@
+//! File lifecycle events: what ETL consumers learn from the Redis stream.
+//!
+//! An event is recorded in the metadata store's outbox in the same atomic
+//! step that records the file change it announces, and removed from the
+//! outbox only after Redis accepted it: delivery is at least once, in order.
+//! `event_id` is deterministic (kind, session, seq range), so a re-sent
+//! event carries the same id and consumers can dedupe on it.
+
+use serde::{Deserialize, Serialize};
+
+/// What happened to a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// A `.logtmp` was renamed to its final `.log` name.
+    Rotated,
+    /// A rotated `.log` was compressed to `.log.gz` (and the `.log` removed).
+    Compressed,
+}
+
+/// Why a file was rotated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RotateReason {
+    /// `LOG_MAX_SIZE_BYTES` reached.
+    Size,
+    /// `LOG_MAX_AGE_SECONDS` since the file was opened.
+    Age,
+    /// `LOG_IDLE_TIMEOUT_SECONDS` without frames.
+    Idle,
+    /// `logd rotate` or the admin RPC.
+    Manual,
+    /// Re-announced by recovery (the store was rebuilt).
+    Recovery,
+}
+
+/// One event, as stored in the outbox and sent as the stream's `content`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// `<kind>:<session>:<first_seq>-<last_seq>`: the same for every resend.
+    pub event_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// The session.
+    pub session_id: String,
+    /// The finished file, relative to `LOG_DIR`.
+    pub path: String,
+    /// First seq in the file.
+    pub first_seq: i64,
+    /// Last seq in the file.
+    pub last_seq: i64,
+    /// Lines (frames) in the file.
+    pub frames: u64,
+    /// Size of the finished file in bytes.
+    pub bytes: u64,
+    /// `time` of the first frame (RFC 3339).
+    pub first_time: String,
+    /// `time` of the last frame (RFC 3339).
+    pub last_time: String,
+    /// Why the file was rotated.
+    pub reason: RotateReason,
+    /// `none` or `gzip`.
+    pub compression: String,
+    /// Checksum of the finished file, as `crc32:<8 hex digits>`.
+    pub checksum: String,
+    /// When the event was recorded (unix milliseconds).
+    pub timestamp_ms: u64,
+}
+
+/// The deterministic id of an event.
+pub fn event_id(kind: EventKind, session: &str, first_seq: i64, last_seq: i64) -> String {
+    let k = match kind {
+        EventKind::Rotated => "rotated",
+        EventKind::Compressed => "compressed",
+    };
+    format!("{k}:{session}:{first_seq}-{last_seq}")
+}
+
+/// How `content` is encoded on the stream (`REDIS_PUBSUB_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Encoding {
+    /// JSON text.
+    Json,
+    /// MessagePack (rmp-serde, struct as a map).
+    Msgpack,
+}
+
+impl Encoding {
+    /// The name sent in the stream's `encoding` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Msgpack => "msgpack",
+        }
+    }
+
+    /// Encodes an event.
+    pub fn encode(self, e: &Event) -> Vec<u8> {
+        match self {
+            Encoding::Json => serde_json::to_vec(e).expect("event encodes as JSON"),
+            Encoding::Msgpack => rmp_serde::to_vec_named(e).expect("event encodes as msgpack"),
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        Event {
+            event_id: event_id(EventKind::Rotated, "s", 1, 9),
+            kind: EventKind::Rotated,
+            session_id: "s".into(),
+            path: "s.20261129T051407Z.1-9.log".into(),
+            first_seq: 1,
+            last_seq: 9,
+            frames: 9,
+            bytes: 900,
+            first_time: "t0".into(),
+            last_time: "t1".into(),
+            reason: RotateReason::Size,
+            compression: "none".into(),
+            checksum: "crc32:0000abcd".into(),
+            timestamp_ms: 5,
+        }
+    }
+
+    #[test]
+    fn event_ids_are_deterministic_per_kind_session_and_range() {
+        assert_eq!(event_id(EventKind::Rotated, "s", 1, 9), "rotated:s:1-9");
+        assert_ne!(
+            event_id(EventKind::Compressed, "s", 1, 9),
+            event_id(EventKind::Rotated, "s", 1, 9)
+        );
+    }
+
+    #[test]
+    fn both_encodings_round_trip() {
+        let e = sample();
+        let j = Encoding::Json.encode(&e);
+        assert_eq!(serde_json::from_slice::<Event>(&j).unwrap(), e);
+        assert!(String::from_utf8(j).unwrap().contains("\"kind\":\"rotated\""));
+        let m = Encoding::Msgpack.encode(&e);
+        assert_eq!(rmp_serde::from_slice::<Event>(&m).unwrap(), e);
+    }
+}

@@ -1,0 +1,196 @@
+//! The Redis mirror: drains the metadata store's event outbox into a Redis
+//! stream, oldest first, removing an event only after its `XADD` succeeded.
+//!
+//! Delivery is at least once and in order: a failed `XADD` stops the pass
+//! and is retried with backoff; a crash between `XADD` and the removal
+//! re-sends the event with the same `event_id`. Redis being down never
+//! touches ingest: events wait in the (bounded) outbox. Started only after
+//! the recovery pass, so events of files recovery finished go out too.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::events::{Encoding, Event, EventKind};
+use crate::meta::{MetaStore, event_delete_op};
+
+/// Events fetched from the outbox per pass.
+const OUTBOX_BATCH_MAX: usize = 256;
+/// Longest wait between retries while Redis is unreachable.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Where and how events are published.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// `redis://…`
+    pub url: String,
+    /// Stream key.
+    pub stream: String,
+    /// `MAXLEN ~` cap.
+    pub maxlen: u64,
+    /// Encoding of `content`.
+    pub encoding: Encoding,
+    /// Optional pub/sub channel for a wake-up ping.
+    pub pubsub_channel: Option<String>,
+}
+
+/// Counters of the mirror.
+#[derive(Debug, Default)]
+pub struct MirrorStats {
+    /// Events accepted by Redis.
+    pub published: AtomicU64,
+    /// Failed XADD attempts (each retried).
+    pub failed: AtomicU64,
+    /// Events in the outbox at the last look.
+    pub pending: AtomicU64,
+}
+
+fn kind_name(k: EventKind) -> &'static str {
+    match k {
+        EventKind::Rotated => "rotated",
+        EventKind::Compressed => "compressed",
+    }
+}
+
+/// Publishes one event: `XADD <stream> MAXLEN ~ <n> * type … encoding …
+/// content … timestamp … event_id …`.
+async fn publish(con: &mut ConnectionManager, cfg: &MirrorConfig, e: &Event) -> redis::RedisResult<()> {
+    let _: String = redis::cmd("XADD")
+        .arg(&cfg.stream)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(cfg.maxlen)
+        .arg("*")
+        .arg("type")
+        .arg(kind_name(e.kind))
+        .arg("encoding")
+        .arg(cfg.encoding.name())
+        .arg("content")
+        .arg(cfg.encoding.encode(e))
+        .arg("timestamp")
+        .arg(e.timestamp_ms)
+        .arg("event_id")
+        .arg(&e.event_id)
+        .query_async(con)
+        .await?;
+    Ok(())
+}
+
+async fn connect(cfg: &MirrorConfig) -> redis::RedisResult<ConnectionManager> {
+    let client = redis::Client::open(cfg.url.as_str())?;
+    ConnectionManager::new(client).await
+}
+
+/// Runs until `shutdown`, publishing the outbox whenever `wake` fires (and
+/// at least every second).
+pub async fn run_mirror(
+    cfg: MirrorConfig,
+    meta: Arc<dyn MetaStore>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    stats: Arc<MirrorStats>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut con: Option<ConnectionManager> = None;
+    let mut warned = false;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let m = meta.clone();
+        let batch = match tokio::task::spawn_blocking(move || m.outbox(OUTBOX_BATCH_MAX)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                warn!("reading the event outbox failed: {e}");
+                Vec::new()
+            }
+            Err(e) => {
+                warn!("outbox reader panicked: {e}");
+                Vec::new()
+            }
+        };
+        if batch.is_empty() {
+            stats.pending.store(0, Ordering::Relaxed);
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            continue;
+        }
+        stats
+            .pending
+            .store(meta.outbox_len().unwrap_or(batch.len()) as u64, Ordering::Relaxed);
+        if con.is_none() {
+            match connect(&cfg).await {
+                Ok(c) => {
+                    info!(url = cfg.url, stream = cfg.stream, "redis mirror connected");
+                    con = Some(c);
+                }
+                Err(e) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    if !warned {
+                        warn!(
+                            pending = batch.len(),
+                            "redis unreachable ({e}); events wait in the outbox"
+                        );
+                        warned = true;
+                    }
+                    sleep_or_stop(&shutdown, &mut backoff).await;
+                    continue;
+                }
+            }
+        }
+        let c = con.as_mut().expect("connected");
+        let mut sent = 0usize;
+        for (key, event) in &batch {
+            if let Err(e) = publish(c, &cfg, event).await {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                if !warned {
+                    warn!(
+                        event_id = event.event_id,
+                        "XADD failed ({e}); events wait in the outbox and are retried in order"
+                    );
+                    warned = true;
+                }
+                break;
+            }
+            wal::crash_point!("mirror::after_xadd");
+            if let Some(channel) = &cfg.pubsub_channel {
+                let _: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(&event.event_id)
+                    .query_async(c)
+                    .await;
+            }
+            if let Err(e) = meta.apply(vec![event_delete_op(key)]) {
+                warn!("removing a delivered event from the outbox failed: {e}");
+                break;
+            }
+            stats.published.fetch_add(1, Ordering::Relaxed);
+            sent += 1;
+        }
+        if sent < batch.len() {
+            sleep_or_stop(&shutdown, &mut backoff).await;
+        } else {
+            if warned {
+                info!("redis mirror caught up");
+            }
+            warned = false;
+            backoff = Duration::from_millis(100);
+        }
+    }
+}
+
+async fn sleep_or_stop(shutdown: &CancellationToken, backoff: &mut Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(*backoff) => {}
+        _ = shutdown.cancelled() => {}
+    }
+    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+}

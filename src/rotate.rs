@@ -1,0 +1,456 @@
+//! Rotation and compression steps, synchronous and through [`Fs`] so the
+//! writers, the recovery pass and the power-loss simulation share them.
+//!
+//! Rotation of `<session>.logtmp` (the writer task drives it):
+//! 1. fdatasync the `.logtmp` (its checkpoint covers every line);
+//! 2. record a [`Rotation`] (and the `rotated` event) in the metadata store,
+//!    flushed: from here a crash is finished by recovery;
+//! 3. rename to `<session>.<UTC yyyymmddTHHMMSSZ>.<first_seq>-<last_seq>.log`
+//!    and fsync the directory ([`rename_step`], idempotent);
+//! 4. clear the record and start the checkpoint of the next `.logtmp` at 0.
+//!
+//! Compression of a rotated `.log` (the compression pool drives it):
+//! 1. gzip into `<name>.gz.tmp`, fdatasync, rename to `<name>.gz`, fsync the
+//!    directory ([`compress_step`]): a `.gz` exists only complete;
+//! 2. record the `compressed` event (flushed);
+//! 3. unlink the `.log` and fsync the directory ([`remove_source`]).
+//!
+//! Names sort by time and never collide: the seq range is in the name.
+
+use std::io::{self, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use wal::fs::{Fs, FsFile, OpenMode};
+
+use crate::events::{Event, EventKind, RotateReason, event_id, now_ms};
+use crate::materialize::{LOGTMP_SUFFIX, line_seq};
+use crate::meta::{Checkpoint, CompressJob, MetaStore, checkpoint_op, compress_op, event_op, rotation_op};
+
+/// Suffix of a rotated, uncompressed file.
+pub const LOG_SUFFIX: &str = ".log";
+/// Suffix of a compressed file.
+pub const GZ_SUFFIX: &str = ".log.gz";
+
+/// The parts of a rotated file's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotatedName {
+    /// The session.
+    pub session: String,
+    /// `yyyymmddTHHMMSSZ`.
+    pub stamp: String,
+    /// First seq in the file.
+    pub first_seq: i64,
+    /// Last seq in the file.
+    pub last_seq: i64,
+    /// Whether it is the `.log.gz`.
+    pub gz: bool,
+}
+
+/// `<session>.<yyyymmddTHHMMSSZ>.<first>-<last>.log` for a rotation at `at_ms`.
+pub fn rotated_name(session: &str, at_ms: u64, first_seq: i64, last_seq: i64) -> String {
+    let t = chrono::DateTime::from_timestamp_millis(at_ms as i64).unwrap_or_default();
+    format!(
+        "{session}.{}.{first_seq}-{last_seq}{LOG_SUFFIX}",
+        t.format("%Y%m%dT%H%M%SZ")
+    )
+}
+
+/// Parses a rotated file name (`.log` or `.log.gz`). Session ids may hold
+/// dots, so the name is taken apart from the right.
+pub fn parse_rotated_name(name: &str) -> Option<RotatedName> {
+    let (stem, gz) = match name.strip_suffix(GZ_SUFFIX) {
+        Some(s) => (s, true),
+        None => (name.strip_suffix(LOG_SUFFIX)?, false),
+    };
+    let (rest, range) = stem.rsplit_once('.')?;
+    let (session, stamp) = rest.rsplit_once('.')?;
+    let (first, last) = range.split_once('-')?;
+    let ok_stamp = stamp.len() == 16 && stamp.as_bytes()[8] == b'T' && stamp.ends_with('Z');
+    if !ok_stamp || !crate::validate::session_id_is_valid(session) {
+        return None;
+    }
+    Some(RotatedName {
+        session: session.to_owned(),
+        stamp: stamp.to_owned(),
+        first_seq: first.parse().ok()?,
+        last_seq: last.parse().ok()?,
+        gz,
+    })
+}
+
+/// What a finished file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FileStats {
+    /// First seq.
+    pub first_seq: i64,
+    /// Last seq.
+    pub last_seq: i64,
+    /// Lines.
+    pub frames: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// `time` of the first line.
+    pub first_time: String,
+    /// `time` of the last line.
+    pub last_time: String,
+    /// crc32 of the bytes.
+    pub crc32: u32,
+}
+
+fn line_time(line: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct T {
+        time: String,
+    }
+    serde_json::from_slice::<T>(line).map(|t| t.time).unwrap_or_default()
+}
+
+/// Reads a session file once: seq range, line count, times and checksum.
+pub fn file_stats(fs: &dyn Fs, path: &Path) -> io::Result<FileStats> {
+    let file = fs.open(path, OpenMode::Read)?;
+    let len = file.len()?;
+    let mut stats = FileStats {
+        bytes: len,
+        ..FileStats::default()
+    };
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    let mut last_line: Vec<u8> = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        let n = ((len - pos) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], pos)?;
+        crc.update(&buf[..n]);
+        pos += n as u64;
+        carry.extend_from_slice(&buf[..n]);
+        let mut at = 0;
+        while let Some(nl) = carry[at..].iter().position(|&b| b == b'\n') {
+            let line = &carry[at..at + nl];
+            if stats.frames == 0 {
+                stats.first_seq = line_seq(line).unwrap_or(0);
+                stats.first_time = line_time(line);
+            }
+            stats.frames += 1;
+            last_line.clear();
+            last_line.extend_from_slice(line);
+            at += nl + 1;
+        }
+        carry.drain(..at);
+    }
+    stats.last_seq = line_seq(&last_line).unwrap_or(0);
+    stats.last_time = line_time(&last_line);
+    stats.crc32 = crc.finalize();
+    Ok(stats)
+}
+
+/// A rotation recorded before its rename (step 2), so recovery can finish it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotation {
+    /// The session.
+    pub session: String,
+    /// Final file name (in `LOG_DIR`).
+    pub to: String,
+    /// What the file holds.
+    pub stats: FileStats,
+    /// Why.
+    pub reason: RotateReason,
+    /// When (unix ms).
+    pub rotated_at_ms: u64,
+}
+
+/// Renames the session's `.logtmp` to `rot.to` and fsyncs the directory.
+/// Idempotent: if the rename already happened, only the fsync is repeated.
+pub fn rename_step(fs: &dyn Fs, log_dir: &Path, rot: &Rotation) -> io::Result<()> {
+    let from = log_dir.join(format!("{}{LOGTMP_SUFFIX}", rot.session));
+    let to = log_dir.join(&rot.to);
+    if !fs.exists(&to) {
+        if !fs.exists(&from) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "rotation of {}: neither {} nor {} exists",
+                    rot.session,
+                    from.display(),
+                    to.display()
+                ),
+            ));
+        }
+        fs.rename(&from, &to)?;
+        wal::crash_point!("rotate::after_rename");
+    }
+    fs.sync_dir(log_dir)
+}
+
+/// Writes to an [`FsFile`] at increasing offsets (for the gzip encoder).
+struct FsWriter<'a> {
+    file: &'a dyn FsFile,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+impl Write for FsWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 1 << 20 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.file.write_all_at(&self.buf, self.offset)?;
+            self.offset += self.buf.len() as u64;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// A finished `.log.gz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compressed {
+    /// Bytes of the source `.log`.
+    pub bytes_in: u64,
+    /// Bytes of the `.log.gz`.
+    pub bytes_out: u64,
+    /// crc32 of the `.log.gz` bytes.
+    pub crc32: u32,
+}
+
+/// Makes `<name>.gz` from the rotated `name` (step 1 of compression).
+/// Idempotent: an existing `.gz` is complete (it appears only by rename
+/// after fdatasync) and is reused; a leftover `.gz.tmp` is replaced.
+pub fn compress_step(fs: &dyn Fs, log_dir: &Path, name: &str, level: u32) -> io::Result<Compressed> {
+    let src = log_dir.join(name);
+    let gz = log_dir.join(format!("{name}.gz"));
+    let tmp = log_dir.join(format!("{name}.gz.tmp"));
+    if fs.exists(&gz) {
+        let bytes_in = if fs.exists(&src) {
+            fs.open(&src, OpenMode::Read)?.len()?
+        } else {
+            0
+        };
+        let (bytes_out, crc32) = checksum(fs, &gz)?;
+        return Ok(Compressed {
+            bytes_in,
+            bytes_out,
+            crc32,
+        });
+    }
+    let input = fs.open(&src, OpenMode::Read)?;
+    let bytes_in = input.len()?;
+    let out = fs.open(&tmp, OpenMode::CreateTruncate)?;
+    let mut enc = flate2::write::GzEncoder::new(
+        FsWriter {
+            file: out.as_ref(),
+            offset: 0,
+            buf: Vec::new(),
+        },
+        flate2::Compression::new(level),
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < bytes_in {
+        let n = ((bytes_in - pos) as usize).min(buf.len());
+        input.read_exact_at(&mut buf[..n], pos)?;
+        enc.write_all(&buf[..n])?;
+        pos += n as u64;
+    }
+    let mut w = enc.finish()?;
+    w.flush()?;
+    out.sync_data()?;
+    drop(out);
+    fs.rename(&tmp, &gz)?;
+    fs.sync_dir(log_dir)?;
+    let (bytes_out, crc32) = checksum(fs, &gz)?;
+    Ok(Compressed {
+        bytes_in,
+        bytes_out,
+        crc32,
+    })
+}
+
+/// Unlinks the rotated `.log` once its `.gz` is durable (step 3).
+pub fn remove_source(fs: &dyn Fs, log_dir: &Path, name: &str) -> io::Result<()> {
+    let src = log_dir.join(name);
+    if fs.exists(&src) {
+        fs.remove_file(&src)?;
+    }
+    fs.sync_dir(log_dir)
+}
+
+/// Size and crc32 of a file.
+pub fn checksum(fs: &dyn Fs, path: &Path) -> io::Result<(u64, u32)> {
+    let f = fs.open(path, OpenMode::Read)?;
+    let len = f.len()?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let n = ((len - pos) as usize).min(buf.len());
+        f.read_exact_at(&mut buf[..n], pos)?;
+        crc.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok((len, crc.finalize()))
+}
+
+/// What the file lifecycle does besides rotating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lifecycle {
+    /// gzip level for rotated files; `None`: no compression.
+    pub gzip_level: Option<u32>,
+    /// Whether events go to the outbox (a Redis mirror is configured).
+    pub events: bool,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The `rotated` event of a rotation.
+pub fn rotated_event(rot: &Rotation) -> Event {
+    let s = &rot.stats;
+    Event {
+        event_id: event_id(EventKind::Rotated, &rot.session, s.first_seq, s.last_seq),
+        kind: EventKind::Rotated,
+        session_id: rot.session.clone(),
+        path: rot.to.clone(),
+        first_seq: s.first_seq,
+        last_seq: s.last_seq,
+        frames: s.frames,
+        bytes: s.bytes,
+        first_time: s.first_time.clone(),
+        last_time: s.last_time.clone(),
+        reason: rot.reason,
+        compression: "none".into(),
+        checksum: format!("crc32:{:08x}", s.crc32),
+        timestamp_ms: now_ms(),
+    }
+}
+
+/// The `compressed` event of a finished `.log.gz`.
+pub fn compressed_event(rot: &Rotation, c: &Compressed) -> Event {
+    Event {
+        event_id: event_id(
+            EventKind::Compressed,
+            &rot.session,
+            rot.stats.first_seq,
+            rot.stats.last_seq,
+        ),
+        kind: EventKind::Compressed,
+        path: format!("{}.gz", rot.to),
+        bytes: c.bytes_out,
+        compression: "gzip".into(),
+        checksum: format!("crc32:{:08x}", c.crc32),
+        ..rotated_event(rot)
+    }
+}
+
+/// Steps 2-4 of a rotation of a `.logtmp` whose data is synced and whose
+/// checkpoint is `ckpt`. Returns the rotation, or `None` for an empty file.
+pub fn rotate_synced(
+    fs: &dyn Fs,
+    log_dir: &Path,
+    meta: &dyn MetaStore,
+    life: Lifecycle,
+    session: &str,
+    ckpt: Checkpoint,
+    reason: RotateReason,
+) -> Result<Option<Rotation>, BoxError> {
+    if ckpt.offset == 0 {
+        return Ok(None);
+    }
+    let path = log_dir.join(format!("{session}{LOGTMP_SUFFIX}"));
+    let stats = file_stats(fs, &path)?;
+    let rotated_at_ms = now_ms();
+    let rot = Rotation {
+        session: session.to_owned(),
+        to: rotated_name(session, rotated_at_ms, stats.first_seq, stats.last_seq),
+        stats,
+        reason,
+        rotated_at_ms,
+    };
+    let mut ops = vec![checkpoint_op(session, &ckpt), rotation_op(session, Some(&rot))];
+    if life.events {
+        ops.push(event_op(meta.next_id()?, &rotated_event(&rot)));
+    }
+    meta.apply(ops)?;
+    meta.flush()?;
+    wal::crash_point!("rotate::after_record");
+    complete_rotation(fs, log_dir, meta, life, &rot)?;
+    Ok(Some(rot))
+}
+
+/// Renames (if not yet done), fsyncs the directory, and clears the record:
+/// the session's next `.logtmp` starts at offset 0 with the seq carried on.
+/// Idempotent, so recovery finishes an interrupted rotation with it.
+pub fn complete_rotation(
+    fs: &dyn Fs,
+    log_dir: &Path,
+    meta: &dyn MetaStore,
+    life: Lifecycle,
+    rot: &Rotation,
+) -> Result<(), BoxError> {
+    rename_step(fs, log_dir, rot)?;
+    wal::crash_point!("rotate::after_dir_fsync");
+    let old = meta.checkpoint(&rot.session)?.unwrap_or_default();
+    let next = Checkpoint {
+        offset: 0,
+        last_seq: old.last_seq.max(rot.stats.last_seq),
+        last_lsn: old.last_lsn,
+        opened_at_ms: 0,
+    };
+    let mut ops = vec![rotation_op(&rot.session, None), checkpoint_op(&rot.session, &next)];
+    if life.gzip_level.is_some() {
+        ops.push(compress_op(&rot.to, Some(&CompressJob { rotation: rot.clone() })));
+    }
+    meta.apply(ops)?;
+    Ok(())
+}
+
+/// Runs a compression job to its end: `.gz`, `compressed` event, unlink of
+/// the `.log`, job cleared. Every step is idempotent.
+pub fn run_compression(
+    fs: &dyn Fs,
+    log_dir: &Path,
+    meta: &dyn MetaStore,
+    life: Lifecycle,
+    job: &CompressJob,
+) -> Result<Compressed, BoxError> {
+    let rot = &job.rotation;
+    let level = life.gzip_level.unwrap_or(6);
+    let done = compress_step(fs, log_dir, &rot.to, level)?;
+    wal::crash_point!("compress::after_gz");
+    if life.events {
+        meta.apply(vec![event_op(meta.next_id()?, &compressed_event(rot, &done))])?;
+        meta.flush()?;
+    }
+    wal::crash_point!("compress::after_event");
+    remove_source(fs, log_dir, &rot.to)?;
+    meta.apply(vec![compress_op(&rot.to, None)])?;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotated_names_sort_by_time_and_parse_back_even_with_dots_in_the_session() {
+        let a = rotated_name("a.b-c", 1_700_000_000_000, 1, 10);
+        assert_eq!(a, "a.b-c.20231114T221320Z.1-10.log");
+        let p = parse_rotated_name(&a).unwrap();
+        assert_eq!(
+            (p.session.as_str(), p.first_seq, p.last_seq, p.gz),
+            ("a.b-c", 1, 10, false)
+        );
+        let g = parse_rotated_name(&format!("{a}.gz")).unwrap();
+        assert!(g.gz);
+        let later = rotated_name("a.b-c", 1_700_000_001_000, 11, 12);
+        assert!(a < later);
+        assert_eq!(parse_rotated_name("x.logtmp"), None);
+        assert_eq!(parse_rotated_name("x.log.gz.tmp"), None);
+        assert_eq!(parse_rotated_name("../x.20231114T221320Z.1-2.log"), None);
+    }
+}
