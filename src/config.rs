@@ -147,6 +147,52 @@ pub struct ServeArgs {
     /// What happens to rotated files and where events go.
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
+    /// Prometheus metrics address (`/metrics`); `off` disables. Port 0 picks
+    /// a free port, printed as `logd: metrics on ADDR`.
+    #[arg(long, env = "LOGD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: String,
+    /// TLS certificate chain (PEM); with --tls-key, the server speaks TLS only.
+    #[arg(long, env = "LOGD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "LOGD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: mutual TLS.
+    #[arg(long, env = "LOGD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// File of accepted bearer tokens, one per line; clients send
+    /// `authorization: Bearer <token>`. Unset: no token needed.
+    #[arg(long, env = "LOGD_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Concurrent client connections accepted; more wait in the backlog.
+    #[arg(long, env = "LOGD_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Concurrent streams per HTTP/2 connection.
+    #[arg(long, env = "LOGD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive ping interval; a peer silent for 20 s more is dropped.
+    #[arg(long, env = "LOGD_HTTP2_KEEPALIVE_SECONDS", default_value_t = 30)]
+    pub http2_keepalive_seconds: u64,
+    /// A stream that sends nothing this long is closed (DEADLINE_EXCEEDED).
+    #[arg(long, env = "LOGD_STREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub stream_idle_timeout_seconds: u64,
+    /// How long a stream may wait for admission before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LOGD_STREAM_BLOCKED_MAX_MS", default_value_t = 5000)]
+    pub stream_blocked_max_ms: u64,
+    /// Refuse frames while free space on the WAL or log filesystem is below
+    /// this percentage of its size.
+    #[arg(long, env = "LOGD_DISK_FREE_MIN_PERCENT", default_value_t = 5.0)]
+    pub disk_free_min_percent: f64,
+    /// …or below this many bytes (whichever is larger).
+    #[arg(long, env = "LOGD_DISK_FREE_MIN_BYTES", default_value_t = 256 << 20)]
+    pub disk_free_min_bytes: u64,
+    /// Permission bits of files logd creates (octal).
+    #[arg(long, env = "LOGD_FILE_MODE", default_value = "640", value_parser = parse_octal)]
+    pub file_mode: u32,
+}
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|e| format!("not an octal mode: {e}"))
 }
 
 /// Compression of rotated files and the Redis event stream (shared by

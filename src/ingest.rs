@@ -80,9 +80,16 @@ pub struct Sequencer {
     to_dispatcher: mpsc::UnboundedSender<Durable>,
     budget: Arc<Semaphore>,
     stats: Arc<IngestStats>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Sequencer {
+    /// Records fsync latency and batch sizes in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// A sequencer seeded lazily from checkpoints in `meta` (which recovery
     /// has made exact before this runs).
     pub fn new(
@@ -97,6 +104,7 @@ impl Sequencer {
             to_dispatcher,
             budget,
             stats,
+            metrics: None,
         }
     }
 
@@ -150,6 +158,12 @@ impl Stage for Sequencer {
     }
 
     fn settle(&mut self, batch: Vec<Self::Staged>, result: Result<&CommitInfo, &wal::Error>) {
+        if let (Some(m), Ok(info)) = (&self.metrics, result)
+            && info.records > 0
+        {
+            m.wal_fsync_seconds.observe(info.sync_nanos as f64 / 1e9);
+            m.wal_commit_batch_records.observe(info.records as f64);
+        }
         for staged in batch {
             match (staged, result) {
                 (Ok(s), Ok(_)) => {

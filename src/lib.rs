@@ -14,6 +14,7 @@ pub mod events;
 pub mod ingest;
 pub mod materialize;
 pub mod meta;
+pub mod metrics;
 pub mod mirror;
 pub mod rotate;
 pub mod server;

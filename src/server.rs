@@ -11,11 +11,11 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::sync::{Notify, Semaphore, mpsc};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use wal::fs::{Fs, RealFs};
@@ -24,10 +24,11 @@ use crate::config::ServeArgs;
 use crate::ingest::{IngestStats, Sequencer};
 use crate::materialize::Replayer;
 use crate::meta::{MetaStore, SledMeta};
+use crate::metrics::Metrics;
 use crate::mirror::{MirrorConfig, MirrorStats, run_mirror};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::log_service_server::LogServiceServer;
-use crate::service::{AdminSvc, BUDGET_UNIT_BYTES, LogSvc, Shared};
+use crate::service::{AdminSvc, BUDGET_UNIT_BYTES, LogSvc, Ready, Shared};
 use crate::writer::{
     COMPRESS_QUEUE_MAX, DispatchStats, RotationLimits, WriterConfig, run_compression_pool, run_dispatcher,
 };
@@ -122,27 +123,298 @@ async fn shutdown_signal() {
     }
 }
 
+/// Checks `authorization: Bearer <token>` against the accepted tokens in
+/// constant time; `UNAUTHENTICATED` otherwise.
+#[derive(Clone)]
+pub struct TokenAuth {
+    tokens: Arc<Vec<Vec<u8>>>,
+}
+
+impl TokenAuth {
+    /// Reads one token per non-empty line of `path`.
+    pub fn from_file(path: &Path) -> anyhow::Result<TokenAuth> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading token file {}", path.display()))?;
+        let tokens: Vec<Vec<u8>> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| l.as_bytes().to_vec())
+            .collect();
+        anyhow::ensure!(!tokens.is_empty(), "token file {} holds no token", path.display());
+        Ok(TokenAuth {
+            tokens: Arc::new(tokens),
+        })
+    }
+
+    fn check(&self, req: &tonic::Request<()>) -> Result<(), tonic::Status> {
+        use subtle::ConstantTimeEq;
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let Some(given) = given else {
+            return Err(tonic::Status::unauthenticated(
+                "missing `authorization: Bearer <token>`",
+            ));
+        };
+        // Compare against every token without stopping early.
+        let mut ok = subtle::Choice::from(0u8);
+        for t in self.tokens.iter() {
+            ok |= t.as_slice().ct_eq(given.as_bytes());
+        }
+        if bool::from(ok) {
+            Ok(())
+        } else {
+            Err(tonic::Status::unauthenticated("invalid token"))
+        }
+    }
+}
+
+/// A tonic interceptor: the token check, or nothing.
+#[derive(Clone)]
+struct Auth(Option<TokenAuth>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        match &self.0 {
+            Some(a) => a.check(&req).map(|()| req),
+            None => Ok(req),
+        }
+    }
+}
+
+/// Whether `dir`'s filesystem has less free space than the watermark.
+fn disk_low(dir: &Path, percent: f64, bytes: u64) -> (bool, u64) {
+    let (Ok(free), Ok(total)) = (fs4::available_space(dir), fs4::total_space(dir)) else {
+        return (false, 0);
+    };
+    let need = bytes.max((total as f64 * percent / 100.0) as u64);
+    (free < need, free)
+}
+
+/// Checks free space every second; sets `flag` while below the watermark.
+async fn watch_disk(
+    dirs: Vec<(&'static str, PathBuf)>,
+    percent: f64,
+    bytes: u64,
+    flag: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    loop {
+        let mut low = false;
+        for (name, dir) in &dirs {
+            let (l, free) = disk_low(dir, percent, bytes);
+            metrics.disk_free_bytes.with_label_values(&[name]).set(free as i64);
+            low |= l;
+        }
+        if low != flag.swap(low, Ordering::Relaxed) {
+            if low {
+                warn!("free disk space below the watermark: refusing new frames (RESOURCE_EXHAUSTED) until it returns");
+            } else {
+                info!("free disk space is back above the watermark: accepting frames");
+            }
+        }
+        metrics.disk_low.set(low as i64);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Accepted connections bounded by a semaphore (LOGD_MAX_CONNECTIONS).
+fn limited_incoming(
+    listener: tokio::net::TcpListener,
+    max: usize,
+) -> impl tokio_stream::Stream<Item = std::io::Result<LimitedConn>> {
+    let slots = Arc::new(Semaphore::new(max));
+    futures::stream::unfold((listener, slots), |(listener, slots)| async move {
+        let permit = slots.clone().acquire_owned().await.expect("never closed");
+        let res = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            LimitedConn {
+                stream,
+                _permit: permit,
+            }
+        });
+        Some((res, (listener, slots)))
+    })
+}
+
+/// A TCP connection holding one of the connection slots until dropped.
+pub struct LimitedConn {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for LimitedConn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedConn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for LimitedConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
 /// Runs the service until a signal; returns after a clean shutdown.
+///
+/// The port opens first, with `grpc.health.v1.Health` reporting NOT_SERVING
+/// and the log services answering UNAVAILABLE, while the recovery pass runs;
+/// only then do they serve.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     let store = &args.store;
+    wal::fs::set_file_mode(args.file_mode);
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
     std::fs::create_dir_all(&store.log_dir).with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
-    let _lock = StateLock::acquire(&store.state_dir())?;
-    let (meta, _meta_aside) = open_meta(&store.meta_dir(), false)?;
+    let state_dir = store.state_dir();
+    let _lock = StateLock::acquire(&state_dir)?;
+    std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", state_dir.display()))?;
+    let auth = Auth(args.auth_token_file.as_deref().map(TokenAuth::from_file).transpose()?);
+    let tls = tls_config(&args)?;
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+
+    // The ports open before recovery, so health checks see NOT_SERVING.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let metrics_server = if args.metrics_listen != "off" {
+        let l = tokio::net::TcpListener::bind(&args.metrics_listen)
+            .await
+            .with_context(|| format!("binding LOGD_METRICS_LISTEN {}", args.metrics_listen))?;
+        println!("logd: metrics on {}", l.local_addr()?);
+        Some(tokio::spawn(crate::metrics::serve(
+            l,
+            metrics.clone(),
+            shutdown.clone(),
+        )))
+    } else {
+        None
+    };
+    let (health_reporter, health_svc) = tonic_health::server::health_reporter();
+    health_reporter.set_not_serving::<LogServiceServer<LogSvc>>().await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let ready = Ready::default();
+    let log_svc =
+        LogServiceServer::new(LogSvc { ready: ready.clone() }).max_decoding_message_size(args.max_message_bytes);
+    let admin_svc = AdminServiceServer::new(AdminSvc { ready: ready.clone() });
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(args.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(args.http2_keepalive_seconds)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20));
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("TLS configuration")?;
+    }
+    let token = shutdown.clone();
+    let reporter = health_reporter.clone();
+    let server = builder
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            log_svc,
+            auth.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(admin_svc, auth))
+        .serve_with_incoming_shutdown(limited_incoming(listener, args.max_connections), async move {
+            shutdown_signal().await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            reporter.set_not_serving::<LogServiceServer<LogSvc>>().await;
+            token.cancel();
+        });
+    let mut server = tokio::spawn(server);
+    println!("logd: listening on {addr}");
+    info!(%addr, log_dir = %store.log_dir.display(), tls = args.tls_cert.is_some(), "listening; recovering before serving");
+
+    let (meta, meta_aside) = open_meta(&store.meta_dir(), false)?;
+    if meta_aside.is_some() {
+        metrics.meta_rebuilds.inc();
+    }
     let wal_opts = store.wal_options().map_err(anyhow::Error::msg)?;
     let life = args.lifecycle.lifecycle();
-
-    info!("recovery: replaying the WAL into session files");
     let (wal, report) = {
         let (fs, log_dir, meta, wal_dir) = (fs.clone(), store.log_dir.clone(), meta.clone(), store.wal_dir());
+        let m = metrics.clone();
         tokio::task::spawn_blocking(move || {
             let mut replayer = Replayer::new(fs.clone(), &log_dir, meta).with_lifecycle(life);
             let out = recovery::run(fs, &wal_dir, wal_opts, &mut replayer, |_| {});
             let l = &replayer.lifecycle;
             if l.meta_rebuilt {
-                warn!(events_reemitted = l.events_reemitted, compressions_queued = l.compressions_queued,
-                    "recovery: the metadata store held no checkpoints; rebuilt it from the session files and the WAL");
+                m.meta_rebuilds.inc();
+                warn!(
+                    events_reemitted = l.events_reemitted,
+                    compressions_queued = l.compressions_queued,
+                    "recovery: the metadata store held no checkpoints; rebuilt it from the session files and the WAL"
+                );
             }
             if !l.rotations_finished.is_empty() || !l.compressions_finished.is_empty() {
                 info!(rotations = ?l.rotations_finished, compressions = ?l.compressions_finished, "recovery: finished interrupted file steps");
@@ -154,6 +426,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(t) = &report.open.torn_tail {
         warn!(segment = %t.segment.display(), offset = t.offset, bytes = t.bytes, why = t.why, "recovery: truncated a torn WAL tail");
     }
+    metrics
+        .recovery_records
+        .with_label_values(&["read"])
+        .set(report.records_read as i64);
+    metrics
+        .recovery_records
+        .with_label_values(&["replayed"])
+        .set(report.records_replayed as i64);
     info!(
         records = report.records_read,
         replayed = report.records_replayed,
@@ -171,7 +451,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let start_lsn = wal.next_lsn();
     let segments = wal.segments();
     let wal_stats = wal.stats();
-    let sequencer = Sequencer::new(meta.clone(), to_dispatcher, budget.clone(), stats.clone());
+    let sequencer =
+        Sequencer::new(meta.clone(), to_dispatcher, budget.clone(), stats.clone()).with_metrics(metrics.clone());
     let commit = wal::GroupCommit::start(wal, sequencer, COMMIT_BATCH_REQUESTS_MAX);
     let (compress_tx, compress_rx) = mpsc::channel(COMPRESS_QUEUE_MAX);
     let events_added = Arc::new(Notify::new());
@@ -204,8 +485,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         segments.clone(),
         start_lsn,
     ));
-
-    let shutdown = CancellationToken::new();
     let mirror_stats = Arc::new(MirrorStats::default());
     // Only now, after the recovery pass, may events go out.
     let mirror = args.lifecycle.redis_url.clone().map(|url| {
@@ -224,7 +503,34 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             mirror_stats.clone(),
         ))
     });
-    let shared = Shared {
+    metrics.set_sources(
+        stats.clone(),
+        dispatch_stats.clone(),
+        wal_stats.clone(),
+        segments.clone(),
+        mirror_stats.clone(),
+        meta.clone(),
+    );
+    let disk_low = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(watch_disk(
+        vec![("wal", store.wal_dir()), ("logs", store.log_dir.clone())],
+        args.disk_free_min_percent,
+        args.disk_free_min_bytes,
+        disk_low.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let inflight = {
+        let (budget, metrics, stop) = (budget.clone(), metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let used = budget_units_total as usize - budget.available_permits().min(budget_units_total as usize);
+                metrics.inflight_bytes.set((used * BUDGET_UNIT_BYTES) as i64);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    ready.set(Shared {
         submitter: commit.submitter(),
         budget,
         budget_units_total,
@@ -237,26 +543,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         control: control_tx,
         meta: meta.clone(),
         mirror: mirror_stats,
-    };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    println!("logd: listening on {addr}");
-    info!(%addr, log_dir = %store.log_dir.display(), "serving");
+        metrics: metrics.clone(),
+        disk_low,
+        stream_blocked_max: Duration::from_millis(args.stream_blocked_max_ms),
+        stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_seconds),
+    });
+    if !shutdown.is_cancelled() {
+        health_reporter.set_serving::<LogServiceServer<LogSvc>>().await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        info!("serving");
+    }
 
-    let log_svc =
-        LogServiceServer::new(LogSvc { shared: shared.clone() }).max_decoding_message_size(args.max_message_bytes);
-    let admin_svc = AdminServiceServer::new(AdminSvc { shared: shared.clone() });
-    let token = shutdown.clone();
-    let server = tonic::transport::Server::builder()
-        .add_service(log_svc)
-        .add_service(admin_svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown_signal().await;
-            token.cancel();
-        });
-    let mut server = tokio::spawn(server);
     tokio::select! {
         res = &mut server => res?.context("gRPC server")?,
         _ = shutdown.cancelled() => match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
@@ -264,13 +563,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Err(_) => warn!("streams still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
         },
     }
-    drop(shared);
-    let (_wal, _sequencer) = tokio::task::spawn_blocking(move || commit.shutdown()).await?;
-    drop(_sequencer); // closes the dispatcher's input
+    shutdown.cancel();
+    drop(ready);
+    let (_wal, sequencer) = tokio::task::spawn_blocking(move || commit.shutdown()).await?;
+    drop(sequencer); // closes the dispatcher's input
     dispatcher.await?; // drops the last compression-queue sender
     pool.await?;
     if let Some(m) = mirror {
         m.await?;
+    }
+    watcher.await?;
+    inflight.await?;
+    if let Some(m) = metrics_server {
+        m.await??;
     }
     meta.flush().context("final metadata flush")?;
     info!("shutdown complete");

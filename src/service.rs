@@ -4,8 +4,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
 use prost::Message;
@@ -13,10 +14,12 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::ingest::{IngestReply, IngestRequest, IngestStats, Outcome};
 use crate::meta::MetaStore;
+use crate::metrics::Metrics;
 use crate::mirror::MirrorStats;
 use crate::pb::admin_service_server::AdminService;
 use crate::pb::log_service_server::LogService;
@@ -65,6 +68,44 @@ pub struct Shared {
     pub meta: Arc<dyn MetaStore>,
     /// Redis mirror counters.
     pub mirror: Arc<MirrorStats>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set while free disk space is below the watermark.
+    pub disk_low: Arc<AtomicBool>,
+    /// How long a stream may wait for admission before RESOURCE_EXHAUSTED.
+    pub stream_blocked_max: Duration,
+    /// A stream that sends nothing this long is closed.
+    pub stream_idle_timeout: Duration,
+}
+
+/// A `RESOURCE_EXHAUSTED` status that tells the client when to retry.
+pub fn resource_exhausted(message: String, retry_after: Duration) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
+}
+
+/// The services' view of the server: not ready while recovery runs.
+#[derive(Clone, Default)]
+pub struct Ready(Arc<OnceLock<Shared>>);
+
+impl Ready {
+    /// Marks the server ready with its shared state.
+    pub fn set(&self, shared: Shared) {
+        let _ = self.0.set(shared);
+    }
+
+    fn get(&self) -> Result<Shared, Status> {
+        self.0.get().cloned().ok_or_else(|| {
+            Status::with_error_details(
+                Code::Unavailable,
+                "logd is recovering (replaying its write-ahead log); retry shortly",
+                ErrorDetails::with_retry_info(Some(Duration::from_secs(1))),
+            )
+        })
+    }
 }
 
 /// Frames of one stream waiting for their fsync, with the rejections that
@@ -76,6 +117,7 @@ struct Chunk {
     runs: Vec<(String, usize)>,
     rejections: Vec<Rejection>,
     reply: Option<oneshot::Receiver<IngestReply>>,
+    submitted: Instant,
 }
 
 /// Counts and ranges over a call (or since the last ack).
@@ -161,8 +203,10 @@ impl StreamIngest {
     fn push(&mut self, mut frame: LogFrame) {
         let index = self.next_index;
         self.next_index += 1;
-        if let Err(reason) = validate(&frame, self.shared.frame_bytes_max) {
+        self.shared.metrics.frames_received.inc();
+        if let Err((rule, reason)) = validate(&frame, self.shared.frame_bytes_max) {
             self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            self.shared.metrics.frames_rejected.with_label_values(&[rule]).inc();
             self.building_rejections.push(Rejection { index, reason });
             return;
         }
@@ -170,7 +214,9 @@ impl StreamIngest {
             frame.time = Some(prost_types::Timestamp::from(SystemTime::now()));
         }
         frame.version = 1;
-        self.building_bytes += frame.encoded_len();
+        let len = frame.encoded_len();
+        self.shared.metrics.bytes_received.inc_by(len as u64);
+        self.building_bytes += len;
         self.building.push(frame);
     }
 
@@ -199,10 +245,28 @@ impl StreamIngest {
         let reply = if frames.is_empty() {
             None
         } else {
+            if self.shared.disk_low.load(Ordering::Relaxed) {
+                self.shared.metrics.errors.with_label_values(&["disk_low"]).inc();
+                return Err(resource_exhausted(
+                    "free disk space is below the watermark (LOGD_DISK_FREE_MIN_*); frames are refused until space returns".into(),
+                    Duration::from_secs(5),
+                ));
+            }
             let units = (bytes.div_ceil(BUDGET_UNIT_BYTES) as u32).clamp(1, self.shared.budget_units_total);
+            let blocked_max = self.shared.stream_blocked_max;
             let permit = tokio::select! {
                 p = self.shared.budget.acquire_many(units) => p.map_err(|_| Status::unavailable("server is shutting down"))?,
                 _ = self.shared.shutdown.cancelled() => return Err(Status::unavailable("server is shutting down")),
+                _ = tokio::time::sleep(blocked_max) => {
+                    self.shared.metrics.errors.with_label_values(&["overloaded"]).inc();
+                    return Err(resource_exhausted(
+                        format!(
+                            "overloaded: no room for {units} KiB within LOGD_INFLIGHT_BYTES_MAX for {blocked_max:?}; \
+                             frames not acknowledged yet were not accepted"
+                        ),
+                        Duration::from_secs(1),
+                    ));
+                }
             };
             permit.forget(); // returned by the pipeline once materialized
             let (tx, rx) = oneshot::channel();
@@ -222,6 +286,7 @@ impl StreamIngest {
             runs,
             rejections: std::mem::take(&mut self.building_rejections),
             reply,
+            submitted: Instant::now(),
         });
         Ok(())
     }
@@ -234,9 +299,16 @@ impl StreamIngest {
         if let Some(rx) = chunk.reply.as_mut() {
             let outcomes = match rx.await {
                 Ok(Ok(o)) => o,
-                Ok(Err(why)) => return Err(wal_unavailable(&why, chunk.end_index)),
+                Ok(Err(why)) => {
+                    self.shared.metrics.errors.with_label_values(&["wal_unavailable"]).inc();
+                    return Err(wal_unavailable(&why, chunk.end_index));
+                }
                 Err(_) => return Err(Status::unavailable("server is shutting down")),
             };
+            self.shared
+                .metrics
+                .ack_latency_seconds
+                .observe(chunk.submitted.elapsed().as_secs_f64());
             let mut it = outcomes.into_iter();
             for (session, n) in &chunk.runs {
                 for o in it.by_ref().take(*n) {
@@ -259,8 +331,34 @@ fn ready_frame(stream: &mut Streaming<LogFrame>) -> Option<Option<Result<LogFram
 
 /// The LogService implementation.
 pub struct LogSvc {
-    /// Shared state.
-    pub shared: Shared,
+    /// Shared state, once recovery is done.
+    pub ready: Ready,
+}
+
+/// Settles what was submitted, then returns `refused` with the count of
+/// frames that were made durable before it (client streaming and unary
+/// calls have no other place to report them).
+async fn settle_then(ingest: &mut StreamIngest, tally: &mut Tally, refused: Status) -> Status {
+    let mut through = 0;
+    loop {
+        match ingest.settle_one(tally).await {
+            Ok(Some(end)) => through = end,
+            Ok(None) => break,
+            Err(e) => return e,
+        }
+    }
+    let message = format!(
+        "{}; before this, {} frame(s) of this call were made durable (stream indexes < {through} settled)",
+        refused.message(),
+        tally.accepted
+    );
+    Status::with_details(refused.code(), message, refused.details().to_vec().into())
+}
+
+fn idle_closed(idle: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "stream sent nothing for {idle:?} (LOGD_STREAM_IDLE_TIMEOUT_SECONDS); closed"
+    ))
 }
 
 #[tonic::async_trait]
@@ -269,13 +367,16 @@ impl LogService for LogSvc {
         &self,
         request: Request<Streaming<LogFrame>>,
     ) -> Result<Response<WriteLogResponse>, Status> {
+        let shared = self.ready.get()?;
         let mut stream = request.into_inner();
-        let mut ingest = StreamIngest::new(self.shared.clone());
+        let idle = shared.stream_idle_timeout;
+        let shutdown = shared.shutdown.clone();
+        let mut ingest = StreamIngest::new(shared);
         let mut tally = Tally::default();
-        let shutdown = self.shared.shutdown.clone();
         loop {
             let first = tokio::select! {
                 f = stream.next() => f,
+                _ = tokio::time::sleep(idle) => return Err(idle_closed(idle)),
                 _ = shutdown.cancelled() => {
                     ingest.submit().await.ok();
                     while ingest.settle_one(&mut tally).await?.is_some() {}
@@ -293,12 +394,16 @@ impl LogService for LogSvc {
                     _ => break,
                 }
             }
-            ingest.submit().await?;
+            if let Err(refused) = ingest.submit().await {
+                return Err(settle_then(&mut ingest, &mut tally, refused).await);
+            }
             while ingest.window_full() {
                 ingest.settle_one(&mut tally).await?;
             }
         }
-        ingest.submit().await?;
+        if let Err(refused) = ingest.submit().await {
+            return Err(settle_then(&mut ingest, &mut tally, refused).await);
+        }
         while ingest.settle_one(&mut tally).await?.is_some() {}
         Ok(Response::new(tally.response()))
     }
@@ -309,9 +414,9 @@ impl LogService for LogSvc {
         &self,
         request: Request<Streaming<LogFrame>>,
     ) -> Result<Response<Self::WriteLogBidiStream>, Status> {
+        let shared = self.ready.get()?;
         let mut stream = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_CHUNKS_IN_FLIGHT_MAX);
-        let shared = self.shared.clone();
         tokio::spawn(async move {
             if let Err(status) = bidi_loop(shared, &mut stream, &tx).await {
                 let _ = tx.send(Err(status)).await;
@@ -321,19 +426,24 @@ impl LogService for LogSvc {
     }
 
     async fn write_log_batch(&self, request: Request<LogBatch>) -> Result<Response<WriteLogResponse>, Status> {
+        let shared = self.ready.get()?;
         let batch = request.into_inner();
-        let mut ingest = StreamIngest::new(self.shared.clone());
+        let mut ingest = StreamIngest::new(shared);
         let mut tally = Tally::default();
         for frame in batch.frames {
             ingest.push(frame);
-            if ingest.chunk_full() {
-                ingest.submit().await?;
+            if ingest.chunk_full()
+                && let Err(refused) = ingest.submit().await
+            {
+                return Err(settle_then(&mut ingest, &mut tally, refused).await);
             }
             while ingest.window_full() {
                 ingest.settle_one(&mut tally).await?;
             }
         }
-        ingest.submit().await?;
+        if let Err(refused) = ingest.submit().await {
+            return Err(settle_then(&mut ingest, &mut tally, refused).await);
+        }
         while ingest.settle_one(&mut tally).await?.is_some() {}
         Ok(Response::new(tally.response()))
     }
@@ -346,6 +456,7 @@ async fn bidi_loop(
     tx: &mpsc::Sender<Result<WriteLogAck, Status>>,
 ) -> Result<(), Status> {
     let shutdown = shared.shutdown.clone();
+    let idle = shared.stream_idle_timeout;
     let mut ingest = StreamIngest::new(shared);
     let mut total = Tally::default();
     let mut input_open = true;
@@ -364,11 +475,12 @@ async fn bidi_loop(
                 return Err(Status::unavailable("server is shutting down: every acked frame is durable; reconnect and resend the rest"));
             }
             settled = ack_one(&mut ingest, &mut total, tx), if has_pending => settled?,
+            _ = tokio::time::sleep(idle), if input_open && !has_pending => return Err(idle_closed(idle)),
             frame = stream.next(), if input_open && !ingest.window_full() => {
                 match frame {
                     None => {
                         input_open = false;
-                        ingest.submit().await?;
+                        submit_or_settle(&mut ingest, &mut total, tx).await?;
                     }
                     Some(f) => {
                         ingest.push(f?);
@@ -379,12 +491,28 @@ async fn bidi_loop(
                                 None => break,
                             }
                         }
-                        ingest.submit().await?;
+                        submit_or_settle(&mut ingest, &mut total, tx).await?;
                     }
                 }
             }
         }
     }
+}
+
+/// Submits the chunk being built; if that is refused (overload, low disk),
+/// first acks everything already submitted, then fails with the refusal.
+async fn submit_or_settle(
+    ingest: &mut StreamIngest,
+    total: &mut Tally,
+    tx: &mpsc::Sender<Result<WriteLogAck, Status>>,
+) -> Result<(), Status> {
+    if let Err(refused) = ingest.submit().await {
+        while !ingest.pending.is_empty() {
+            ack_one(ingest, total, tx).await?;
+        }
+        return Err(refused);
+    }
+    Ok(())
 }
 
 /// Settles the oldest chunk and sends its ack.
@@ -415,14 +543,14 @@ async fn ack_one(
 
 /// The AdminService implementation.
 pub struct AdminSvc {
-    /// Shared state.
-    pub shared: Shared,
+    /// Shared state, once recovery is done.
+    pub ready: Ready,
 }
 
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     async fn get_stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        let s = &self.shared;
+        let s = &self.ready.get()?;
         let w = &s.wal_stats;
         let segs = s.segments.list();
         Ok(Response::new(StatsResponse {
@@ -471,9 +599,10 @@ impl AdminService for AdminSvc {
             }
             Some(req.session_id)
         };
+        let shared = self.ready.get()?;
         let (tx, rx) = oneshot::channel();
         let unavailable = || Status::unavailable("server is shutting down");
-        self.shared
+        shared
             .control
             .send(Control::Rotate { session, reply: tx })
             .await

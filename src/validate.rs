@@ -25,30 +25,44 @@ pub fn session_id_is_valid(id: &str) -> bool {
     }
 }
 
-/// Checks one frame against every rule; `Err` holds the rejection reason.
-pub fn validate(frame: &LogFrame, frame_bytes_max: usize) -> Result<(), String> {
+/// Checks one frame against every rule; `Err` holds the rule's short name
+/// (a metric label) and the reason the client sees.
+pub fn validate(frame: &LogFrame, frame_bytes_max: usize) -> Result<(), (&'static str, String)> {
     if !session_id_is_valid(&frame.session_id) {
         let shown: String = frame.session_id.chars().take(64).collect();
-        return Err(format!(
-            "invalid session_id {shown:?}: must match ^[A-Za-z0-9_-][A-Za-z0-9._-]{{0,127}}$ \
+        return Err((
+            "session_id",
+            format!(
+                "invalid session_id {shown:?}: must match ^[A-Za-z0-9_-][A-Za-z0-9._-]{{0,127}}$ \
              (1-128 characters, no '/', no leading '.')"
+            ),
         ));
     }
     if frame.version != 0 && frame.version != 1 {
-        return Err(format!("unsupported version {}: must be 0 or 1", frame.version));
+        return Err((
+            "version",
+            format!("unsupported version {}: must be 0 or 1", frame.version),
+        ));
     }
     if frame.seq < 0 {
-        return Err(format!("invalid seq {}: must be >= 0 (0 = server assigns)", frame.seq));
+        return Err((
+            "seq",
+            format!("invalid seq {}: must be >= 0 (0 = server assigns)", frame.seq),
+        ));
     }
     if let Some(t) = &frame.time
         && (!(0..1_000_000_000).contains(&t.nanos) || chrono::DateTime::from_timestamp(t.seconds, 0).is_none())
     {
-        return Err(format!("invalid time {}s {}ns: out of range", t.seconds, t.nanos));
+        return Err((
+            "time",
+            format!("invalid time {}s {}ns: out of range", t.seconds, t.nanos),
+        ));
     }
     let len = frame.encoded_len();
     if len > frame_bytes_max {
-        return Err(format!(
-            "frame of {len} bytes exceeds LOG_MAX_FRAME_BYTES {frame_bytes_max}"
+        return Err((
+            "size",
+            format!("frame of {len} bytes exceeds LOG_MAX_FRAME_BYTES {frame_bytes_max}"),
         ));
     }
     Ok(())
@@ -100,9 +114,9 @@ mod tests {
             version: 2,
             ..ok.clone()
         };
-        assert!(validate(&v, 1024).unwrap_err().contains("version 2"));
+        assert!(validate(&v, 1024).unwrap_err().1.contains("version 2"));
         let s = LogFrame { seq: -1, ..ok.clone() };
-        assert!(validate(&s, 1024).unwrap_err().contains("seq -1"));
+        assert!(validate(&s, 1024).unwrap_err().1.contains("seq -1"));
         let big = LogFrame {
             content: "x".repeat(2000),
             ..ok.clone()
@@ -116,6 +130,6 @@ mod tests {
             time: Some(prost_types::Timestamp { seconds: 0, nanos: -1 }),
             ..ok
         };
-        assert!(validate(&t, 1024).unwrap_err().contains("time"));
+        assert!(validate(&t, 1024).unwrap_err().1.contains("time"));
     }
 }

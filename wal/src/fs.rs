@@ -75,6 +75,14 @@ pub trait Fs: Send + Sync + 'static {
     fn exists(&self, path: &Path) -> bool;
 }
 
+static FILE_MODE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0o640);
+
+/// Sets the permission bits [`RealFs`] creates files with (default 0640;
+/// the process umask still applies).
+pub fn set_file_mode(mode: u32) {
+    FILE_MODE.store(mode, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The real filesystem (std::fs), used in production.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealFs;
@@ -102,6 +110,7 @@ impl FsFile for RealFile {
 impl Fs for RealFs {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
         let mut o = OpenOptions::new();
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, FILE_MODE.load(std::sync::atomic::Ordering::Relaxed));
         match mode {
             OpenMode::Read => o.read(true),
             OpenMode::ReadWrite => o.read(true).write(true),

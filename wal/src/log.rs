@@ -179,6 +179,8 @@ pub struct CommitInfo {
     pub bytes: u64,
     /// Every record with LSN < this is durable.
     pub durable_lsn_end: u64,
+    /// Nanoseconds the fdatasync took.
+    pub sync_nanos: u64,
 }
 
 /// A writable WAL. One owner appends and commits; see the crate docs.
@@ -471,6 +473,7 @@ impl Wal {
                 records: 0,
                 bytes: 0,
                 durable_lsn_end: self.next_lsn,
+                sync_nanos: 0,
             });
         }
         let bytes = self.buf.len() as u64;
@@ -482,9 +485,8 @@ impl Wal {
         if let Err(e) = self.active.sync_data() {
             return Err(self.poison(Error::io("fdatasync", &self.active_path)(e)));
         }
-        self.stats
-            .fsync_nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let sync_nanos = t.elapsed().as_nanos() as u64;
+        self.stats.fsync_nanos.fetch_add(sync_nanos, Ordering::Relaxed);
         self.write_offset += bytes;
         let records = self.buf_records;
         self.buf.clear();
@@ -502,6 +504,7 @@ impl Wal {
             records,
             bytes,
             durable_lsn_end: self.next_lsn,
+            sync_nanos,
         })
     }
 }
