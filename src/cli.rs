@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use logd::config::{Command, RecoverArgs, RotateArgs, WalArgs, WalCommand};
+use logd::config::{Command, RecoverArgs, RotateArgs, SendArgs, StatusArgs, WalArgs, WalCommand};
 use logd::materialize::Replayer;
 use logd::meta::{MetaStore, SledMeta};
 use logd::server::{StateLock, open_meta};
@@ -43,8 +43,123 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Recover(args) => tokio::task::spawn_blocking(move || recover(args)).await?,
         Command::Rotate(args) => rotate(args).await,
+        Command::Send(args) => send(args).await,
+        Command::Status(args) => status(args).await,
         Command::Wal { command } => tokio::task::spawn_blocking(move || wal_command(command)).await?,
     }
+}
+
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Clone)]
+struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+fn bearer(token: &Option<String>) -> anyhow::Result<BearerToken> {
+    let v = token.as_ref().map(|t| format!("Bearer {t}").parse()).transpose().context("token is not valid ASCII")?;
+    Ok(BearerToken(v))
+}
+
+async fn channel(target: &str, tls_ca: Option<&Path>) -> anyhow::Result<tonic::transport::Channel> {
+    let mut ep = tonic::transport::Endpoint::from_shared(target.to_owned())?;
+    if let Some(ca) = tls_ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        ep = ep.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)))?;
+    }
+    ep.connect().await.with_context(|| format!("connecting to {target}"))
+}
+
+/// `logd send`: the `logger(1)` of logd. Every line becomes a frame with a
+/// client seq continuing the session's, sent over one bidi stream.
+async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    use logd::pb::LogFrame;
+    use tokio::io::AsyncBufReadExt;
+    let ch = channel(&args.target, args.tls_ca.as_deref()).await?;
+    let mut client = logd::pb::log_service_client::LogServiceClient::with_interceptor(ch, bearer(&args.token)?);
+    let input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &args.file {
+        Some(p) => Box::new(tokio::fs::File::open(p).await.with_context(|| format!("opening {}", p.display()))?),
+        None => Box::new(tokio::io::stdin()),
+    };
+    let mut lines = tokio::io::BufReader::new(input).lines();
+    let (tx, rx) = tokio::sync::mpsc::channel::<LogFrame>(1024);
+    let (session, role, user) = (args.session.clone(), args.role.clone(), args.user.clone());
+    let reader = tokio::spawn(async move {
+        let mut sent = 0i64;
+        while let Some(line) = lines.next_line().await? {
+            let frame = LogFrame { session_id: session.clone(), role: role.clone(), user_id: user.clone(), content: line, ..Default::default() };
+            if tx.send(frame).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        anyhow::Ok(sent)
+    });
+    let mut acks = client.write_log_bidi(tokio_stream::wrappers::ReceiverStream::new(rx)).await.context("WriteLogBidi")?.into_inner();
+    let (mut first, mut last, mut through, mut rejected) = (i64::MAX, 0i64, 0i64, Vec::new());
+    let mut accepted = 0;
+    let mut duplicate = 0;
+    while let Some(ack) = acks.message().await.context("waiting for acks")? {
+        through = ack.through_index;
+        accepted = ack.frames_accepted;
+        duplicate = ack.frames_duplicate;
+        for r in &ack.sessions {
+            first = first.min(r.first_seq);
+            last = last.max(r.last_seq);
+        }
+        rejected.extend(ack.rejections);
+    }
+    let sent = reader.await??;
+    for r in &rejected {
+        eprintln!("line {}: rejected: {}", r.index + 1, r.reason);
+    }
+    if through != sent {
+        anyhow::bail!("only {through} of {sent} line(s) were acknowledged");
+    }
+    if accepted > 0 {
+        println!("{accepted} line(s) acked as seq {first}..={last} of session {}", args.session);
+    } else {
+        println!("0 lines acked");
+    }
+    if duplicate > 0 {
+        println!("{duplicate} duplicate(s)");
+    }
+    Ok(if rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `logd status`: a live server's counters.
+async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let ch = channel(&args.target, None).await?;
+    let mut client = logd::pb::admin_service_client::AdminServiceClient::with_interceptor(ch, bearer(&args.token)?);
+    let s = client.get_stats(logd::pb::StatsRequest {}).await.context("GetStats")?.into_inner();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "frames_accepted": s.frames_accepted, "frames_duplicate": s.frames_duplicate, "frames_rejected": s.frames_rejected,
+                "active_sessions": s.active_sessions, "wal_segments": s.wal_segments, "wal_disk_bytes": s.wal_disk_bytes,
+                "wal_commits": s.wal_commits, "wal_records": s.wal_records, "compress_backlog": s.compress_backlog,
+                "outbox_events": s.outbox_events, "events_published": s.events_published, "open_fds": s.open_fds,
+                "rotations": {"size": s.rotations_size, "age": s.rotations_age, "idle": s.rotations_idle, "manual": s.rotations_manual},
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let per_commit = if s.wal_commits > 0 { s.wal_records as f64 / s.wal_commits as f64 } else { 0.0 };
+    println!("frames:       {} accepted, {} duplicate, {} rejected", s.frames_accepted, s.frames_duplicate, s.frames_rejected);
+    println!("sessions:     {} active writers, {} evicted (idle)", s.active_sessions, s.evictions);
+    println!("wal:          {} segment(s), {} bytes on disk; {} commits, {per_commit:.1} records/commit", s.wal_segments, s.wal_disk_bytes, s.wal_commits);
+    println!("rotations:    size {} / age {} / idle {} / manual {}", s.rotations_size, s.rotations_age, s.rotations_idle, s.rotations_manual);
+    println!("compression:  {} waiting, {} done ({} -> {} bytes)", s.compress_backlog, s.compressed_files, s.compress_bytes_in, s.compress_bytes_out);
+    println!("events:       {} in the outbox, {} published, {} failed attempts", s.outbox_events, s.events_published, s.events_failed);
+    println!("open fds:     {}", s.open_fds);
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {

@@ -28,6 +28,10 @@ pub enum Command {
     Bench(BenchArgs),
     /// Ask a running server to rotate one session's file, or every active one.
     Rotate(RotateArgs),
+    /// Send lines from stdin (or a file) as frames; exit 0 only when all were acked.
+    Send(SendArgs),
+    /// Show a running server's sessions, WAL, queues and outbox.
+    Status(StatusArgs),
     /// Inspect and verify the write-ahead log (offline).
     Wal {
         /// Which WAL command.
@@ -365,6 +369,46 @@ pub struct BenchArgs {
     /// Target rate over all streams in frames/s (0: as fast as acks allow).
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `logd send`.
+#[derive(Debug, Clone, Args)]
+pub struct SendArgs {
+    /// Server to send to.
+    #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// Session the lines go to.
+    #[arg(long)]
+    pub session: String,
+    /// Role of every frame.
+    #[arg(long, default_value = "")]
+    pub role: String,
+    /// User of every frame.
+    #[arg(long, default_value = "")]
+    pub user: String,
+    /// Read lines from this file instead of stdin.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Bearer token (or set LOGD_AUTH_TOKEN).
+    #[arg(long, env = "LOGD_AUTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify a TLS server with (https:// targets).
+    #[arg(long, env = "LOGD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// Arguments of `logd status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Server to ask.
+    #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// Bearer token (or set LOGD_AUTH_TOKEN).
+    #[arg(long, env = "LOGD_AUTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
