@@ -392,7 +392,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             token.cancel();
         });
     let mut server = tokio::spawn(server);
-    println!("logd: listening on {addr}");
+    // Scripts and tests wait for "listening on"; it is printed once the
+    // service is ready. Health checks can reach the port before that.
+    println!("logd: recovering on {addr}");
     info!(%addr, log_dir = %store.log_dir.display(), tls = args.tls_cert.is_some(), "listening; recovering before serving");
 
     let (meta, meta_aside) = open_meta(&store.meta_dir(), false)?;
@@ -555,6 +557,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await;
         info!("serving");
     }
+    println!("logd: listening on {addr}");
 
     tokio::select! {
         res = &mut server => res?.context("gRPC server")?,
