@@ -63,7 +63,11 @@ impl tonic::service::Interceptor for BearerToken {
 }
 
 fn bearer(token: &Option<String>) -> anyhow::Result<BearerToken> {
-    let v = token.as_ref().map(|t| format!("Bearer {t}").parse()).transpose().context("token is not valid ASCII")?;
+    let v = token
+        .as_ref()
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .context("token is not valid ASCII")?;
     Ok(BearerToken(v))
 }
 
@@ -71,7 +75,9 @@ async fn channel(target: &str, tls_ca: Option<&Path>) -> anyhow::Result<tonic::t
     let mut ep = tonic::transport::Endpoint::from_shared(target.to_owned())?;
     if let Some(ca) = tls_ca {
         let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        ep = ep.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)))?;
+        ep = ep.tls_config(
+            tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        )?;
     }
     ep.connect().await.with_context(|| format!("connecting to {target}"))
 }
@@ -84,7 +90,11 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let ch = channel(&args.target, args.tls_ca.as_deref()).await?;
     let mut client = logd::pb::log_service_client::LogServiceClient::with_interceptor(ch, bearer(&args.token)?);
     let input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match &args.file {
-        Some(p) => Box::new(tokio::fs::File::open(p).await.with_context(|| format!("opening {}", p.display()))?),
+        Some(p) => Box::new(
+            tokio::fs::File::open(p)
+                .await
+                .with_context(|| format!("opening {}", p.display()))?,
+        ),
         None => Box::new(tokio::io::stdin()),
     };
     let mut lines = tokio::io::BufReader::new(input).lines();
@@ -93,7 +103,13 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let reader = tokio::spawn(async move {
         let mut sent = 0i64;
         while let Some(line) = lines.next_line().await? {
-            let frame = LogFrame { session_id: session.clone(), role: role.clone(), user_id: user.clone(), content: line, ..Default::default() };
+            let frame = LogFrame {
+                session_id: session.clone(),
+                role: role.clone(),
+                user_id: user.clone(),
+                content: line,
+                ..Default::default()
+            };
             if tx.send(frame).await.is_err() {
                 break;
             }
@@ -101,7 +117,11 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         }
         anyhow::Ok(sent)
     });
-    let mut acks = client.write_log_bidi(tokio_stream::wrappers::ReceiverStream::new(rx)).await.context("WriteLogBidi")?.into_inner();
+    let mut acks = client
+        .write_log_bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .context("WriteLogBidi")?
+        .into_inner();
     let (mut first, mut last, mut through, mut rejected) = (i64::MAX, 0i64, 0i64, Vec::new());
     let mut accepted = 0;
     let mut duplicate = 0;
@@ -123,21 +143,32 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("only {through} of {sent} line(s) were acknowledged");
     }
     if accepted > 0 {
-        println!("{accepted} line(s) acked as seq {first}..={last} of session {}", args.session);
+        println!(
+            "{accepted} line(s) acked as seq {first}..={last} of session {}",
+            args.session
+        );
     } else {
         println!("0 lines acked");
     }
     if duplicate > 0 {
         println!("{duplicate} duplicate(s)");
     }
-    Ok(if rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if rejected.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `logd status`: a live server's counters.
 async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let ch = channel(&args.target, None).await?;
     let mut client = logd::pb::admin_service_client::AdminServiceClient::with_interceptor(ch, bearer(&args.token)?);
-    let s = client.get_stats(logd::pb::StatsRequest {}).await.context("GetStats")?.into_inner();
+    let s = client
+        .get_stats(logd::pb::StatsRequest {})
+        .await
+        .context("GetStats")?
+        .into_inner();
     if args.json {
         println!(
             "{}",
@@ -151,13 +182,35 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let per_commit = if s.wal_commits > 0 { s.wal_records as f64 / s.wal_commits as f64 } else { 0.0 };
-    println!("frames:       {} accepted, {} duplicate, {} rejected", s.frames_accepted, s.frames_duplicate, s.frames_rejected);
-    println!("sessions:     {} active writers, {} evicted (idle)", s.active_sessions, s.evictions);
-    println!("wal:          {} segment(s), {} bytes on disk; {} commits, {per_commit:.1} records/commit", s.wal_segments, s.wal_disk_bytes, s.wal_commits);
-    println!("rotations:    size {} / age {} / idle {} / manual {}", s.rotations_size, s.rotations_age, s.rotations_idle, s.rotations_manual);
-    println!("compression:  {} waiting, {} done ({} -> {} bytes)", s.compress_backlog, s.compressed_files, s.compress_bytes_in, s.compress_bytes_out);
-    println!("events:       {} in the outbox, {} published, {} failed attempts", s.outbox_events, s.events_published, s.events_failed);
+    let per_commit = if s.wal_commits > 0 {
+        s.wal_records as f64 / s.wal_commits as f64
+    } else {
+        0.0
+    };
+    println!(
+        "frames:       {} accepted, {} duplicate, {} rejected",
+        s.frames_accepted, s.frames_duplicate, s.frames_rejected
+    );
+    println!(
+        "sessions:     {} active writers, {} evicted (idle)",
+        s.active_sessions, s.evictions
+    );
+    println!(
+        "wal:          {} segment(s), {} bytes on disk; {} commits, {per_commit:.1} records/commit",
+        s.wal_segments, s.wal_disk_bytes, s.wal_commits
+    );
+    println!(
+        "rotations:    size {} / age {} / idle {} / manual {}",
+        s.rotations_size, s.rotations_age, s.rotations_idle, s.rotations_manual
+    );
+    println!(
+        "compression:  {} waiting, {} done ({} -> {} bytes)",
+        s.compress_backlog, s.compressed_files, s.compress_bytes_in, s.compress_bytes_out
+    );
+    println!(
+        "events:       {} in the outbox, {} published, {} failed attempts",
+        s.outbox_events, s.events_published, s.events_failed
+    );
     println!("open fds:     {}", s.open_fds);
     Ok(ExitCode::SUCCESS)
 }

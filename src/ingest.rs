@@ -29,6 +29,8 @@ pub enum Outcome {
     Accepted(i64),
     /// The session already held this client seq: dropped, not an error.
     Duplicate,
+    /// Answer to a [`IngestRequest::query`]: the session's last seq.
+    LastSeq(i64),
 }
 
 /// A reply to an [`IngestRequest`]: one outcome per frame, or why the batch
@@ -43,6 +45,8 @@ pub struct IngestRequest {
     pub budget_units: u32,
     /// Where the outcomes go, after the fsync.
     pub reply: oneshot::Sender<IngestReply>,
+    /// Asks for this session's last seq (answered in order with frames).
+    pub query: Option<String>,
 }
 
 /// Frames made durable by one commit, on their way to the session writers.
@@ -127,7 +131,10 @@ impl Stage for Sequencer {
     type Staged = Result<Staged, (oneshot::Sender<IngestReply>, u32, String)>;
 
     fn stage(&mut self, req: IngestRequest, wal: &mut Wal) -> Self::Staged {
-        let mut outcomes = Vec::with_capacity(req.frames.len());
+        let mut outcomes = Vec::with_capacity(req.frames.len() + 1);
+        if let Some(session) = &req.query {
+            outcomes.push(Outcome::LastSeq(*self.last_seq(session)));
+        }
         let mut durable = Vec::with_capacity(req.frames.len());
         for mut frame in req.frames {
             let last = *self.last_seq(&frame.session_id);
@@ -168,10 +175,9 @@ impl Stage for Sequencer {
             match (staged, result) {
                 (Ok(s), Ok(_)) => {
                     let accepted = s.durable.len() as u64;
+                    let duplicate = s.outcomes.iter().filter(|o| **o == Outcome::Duplicate).count() as u64;
                     self.stats.accepted.fetch_add(accepted, Ordering::Relaxed);
-                    self.stats
-                        .duplicate
-                        .fetch_add(s.outcomes.len() as u64 - accepted, Ordering::Relaxed);
+                    self.stats.duplicate.fetch_add(duplicate, Ordering::Relaxed);
                     if s.durable.is_empty() {
                         self.budget.add_permits(s.budget_units as usize);
                     } else if let Err(lost) = self.to_dispatcher.send(Durable {

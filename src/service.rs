@@ -24,8 +24,8 @@ use crate::mirror::MirrorStats;
 use crate::pb::admin_service_server::AdminService;
 use crate::pb::log_service_server::LogService;
 use crate::pb::{
-    LogBatch, LogFrame, Rejection, RotateRequest, RotateResponse, SessionRange, StatsRequest, StatsResponse,
-    WriteLogAck, WriteLogResponse,
+    LogBatch, LogFrame, Rejection, RotateRequest, RotateResponse, SessionInfo, SessionRange, SessionRequest,
+    StatsRequest, StatsResponse, WriteLogAck, WriteLogResponse,
 };
 use crate::validate::validate;
 use crate::writer::{Control, DispatchStats};
@@ -133,6 +133,7 @@ struct Tally {
 impl Tally {
     fn record(&mut self, session: &str, outcome: Outcome) {
         match outcome {
+            Outcome::LastSeq(_) => {}
             Outcome::Duplicate => self.duplicate += 1,
             Outcome::Accepted(seq) => {
                 self.accepted += 1;
@@ -274,6 +275,7 @@ impl StreamIngest {
                 frames,
                 budget_units: units,
                 reply: tx,
+                query: None,
             };
             if self.shared.submitter.submit(req).is_err() {
                 self.shared.budget.add_permits(units as usize);
@@ -446,6 +448,36 @@ impl LogService for LogSvc {
         }
         while ingest.settle_one(&mut tally).await?.is_some() {}
         Ok(Response::new(tally.response()))
+    }
+
+    async fn get_session(&self, request: Request<SessionRequest>) -> Result<Response<SessionInfo>, Status> {
+        let shared = self.ready.get()?;
+        let session_id = request.into_inner().session_id;
+        if !crate::validate::session_id_is_valid(&session_id) {
+            return Err(Status::invalid_argument(format!("invalid session_id {session_id:?}")));
+        }
+        let (tx, rx) = oneshot::channel();
+        let req = IngestRequest {
+            frames: Vec::new(),
+            budget_units: 0,
+            reply: tx,
+            query: Some(session_id.clone()),
+        };
+        shared
+            .submitter
+            .submit(req)
+            .map_err(|_| Status::unavailable("server is shutting down"))?;
+        match rx.await {
+            Ok(Ok(outcomes)) => match outcomes.first() {
+                Some(Outcome::LastSeq(last_seq)) => Ok(Response::new(SessionInfo {
+                    session_id,
+                    last_seq: *last_seq,
+                })),
+                _ => Err(Status::internal("sequencer did not answer the query")),
+            },
+            Ok(Err(why)) => Err(wal_unavailable(&why, 0)),
+            Err(_) => Err(Status::unavailable("server is shutting down")),
+        }
     }
 }
 
