@@ -473,10 +473,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         events_added: events_added.clone(),
         stats: dispatch_stats.clone(),
     };
+    let pool_stop = CancellationToken::new();
     let pool = tokio::spawn(run_compression_pool(
         writer_cfg.clone(),
         compress_rx,
         args.compression_workers,
+        pool_stop.clone(),
     ));
     let (control_tx, control_rx) = mpsc::channel(64);
     let dispatcher = tokio::spawn(run_dispatcher(
@@ -570,7 +572,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(ready);
     let (_wal, sequencer) = tokio::task::spawn_blocking(move || commit.shutdown()).await?;
     drop(sequencer); // closes the dispatcher's input
-    dispatcher.await?; // drops the last compression-queue sender
+    dispatcher.await?;
+    pool_stop.cancel(); // running jobs finish; queued ones stay in the store
     pool.await?;
     if let Some(m) = mirror {
         m.await?;

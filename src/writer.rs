@@ -666,14 +666,21 @@ async fn run_writer(
 /// Runs compression jobs, at most `workers` at a time, off the ingest path.
 /// Jobs come from the writers and, at start and every minute, from the
 /// store (jobs that did not fit the queue or were left by a crash).
-pub async fn run_compression_pool(cfg: WriterConfig, mut jobs: mpsc::Receiver<CompressJob>, workers: usize) {
+/// Stops when `stop` is cancelled (after the writers are done).
+pub async fn run_compression_pool(
+    cfg: WriterConfig,
+    mut jobs: mpsc::Receiver<CompressJob>,
+    workers: usize,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(workers.max(1)));
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     let mut in_flight: std::collections::HashSet<String> = std::collections::HashSet::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     loop {
         let job = tokio::select! {
-            j = jobs.recv() => match j { Some(j) => j, None => break },
+                        j = jobs.recv() => match j { Some(j) => j, None => break },
+            _ = stop.cancelled() => break,
             Some(name) = done_rx.recv() => { in_flight.remove(&name); continue; }
             _ = sweep.tick() => {
                 let stored = cfg.meta.compress_jobs().unwrap_or_default();
