@@ -32,7 +32,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 /// Runs one subcommand.
 pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve(args) => logd::server::serve(args).await.map(|_| ExitCode::SUCCESS),
+        Command::Serve(args) => logd::server::serve(*args).await.map(|_| ExitCode::SUCCESS),
         Command::Bench(args) => {
             let r = logd::bench::run(args).await?;
             Ok(if r.errors > 0 {

@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Offline crash recovery of a state directory (refuses while a server runs).
     Recover(RecoverArgs),
     /// Load generator: drive a running server and report durable-ack throughput.

@@ -124,6 +124,7 @@ mod tests {
         assert!(
             validate(&big, 1024)
                 .unwrap_err()
+                .1
                 .contains("exceeds LOG_MAX_FRAME_BYTES 1024")
         );
         let t = LogFrame {

@@ -684,7 +684,14 @@ pub async fn run_compression_pool(
             Some(name) = done_rx.recv() => { in_flight.remove(&name); continue; }
             _ = sweep.tick() => {
                 let stored = cfg.meta.compress_jobs().unwrap_or_default();
-                let fresh: Vec<CompressJob> = stored.into_iter().filter(|j| !in_flight.contains(&j.rotation.to)).collect();
+                let mut fresh: Vec<CompressJob> = stored.into_iter().filter(|j| !in_flight.contains(&j.rotation.to)).collect();
+                // The store keeps them by name, which within one second is
+                // not seq order (`…10-10.log` < `…9-9.log`); a session's
+                // `compressed` events must go out in seq order.
+                fresh.sort_by(|a, b| {
+                    (&a.rotation.session, a.rotation.stats.first_seq)
+                        .cmp(&(&b.rotation.session, b.rotation.stats.first_seq))
+                });
                 cfg.stats.compress_backlog.store((fresh.len() + in_flight.len()) as u64, Ordering::Relaxed);
                 for j in fresh {
                     start_job(&cfg, &slots, &mut in_flight, &done_tx, j).await;
