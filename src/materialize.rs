@@ -174,7 +174,10 @@ impl SessionFile {
             last_seq,
             last_lsn,
             pending: Vec::with_capacity(64 << 10),
-            needs_dir_sync: !existed,
+            // Also for a file that exists: its directory entry may not be
+            // durable yet (a process killed before the file's first sync, a
+            // writer that failed), and a checkpoint must never outlive it.
+            needs_dir_sync: true,
             opened_at_ms: match ckpt {
                 Some(c) if existed && c.opened_at_ms > 0 => c.opened_at_ms,
                 _ => crate::events::now_ms(),

@@ -406,6 +406,10 @@ pub fn complete_rotation(
         ops.push(compress_op(&rot.to, Some(&CompressJob { rotation: rot.clone() })));
     }
     meta.apply(ops)?;
+    // Durable before the `.log` can be compressed away or a new `.logtmp`
+    // started: a record that survived a crash past either would make
+    // recovery fail (neither file exists) or rename the new `.logtmp`.
+    meta.flush()?;
     Ok(())
 }
 

@@ -472,6 +472,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         compress_tx,
         events_added: events_added.clone(),
         stats: dispatch_stats.clone(),
+        budget: budget.clone(),
     };
     let pool_stop = CancellationToken::new();
     let pool = tokio::spawn(run_compression_pool(
@@ -485,7 +486,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         writer_cfg,
         dispatcher_rx,
         control_rx,
-        budget.clone(),
         segments.clone(),
         start_lsn,
     ));

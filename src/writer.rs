@@ -7,11 +7,13 @@
 //! go to a bounded compression pool. The dispatcher collects checkpoints and
 //! deletes WAL segments every session has materialized.
 //!
-//! Channels: commit thread → dispatcher is unbounded but its content is
-//! bounded by the admission budget (released only after routing); dispatcher
-//! → writer is bounded (`WRITER_QUEUE_MAX` batches), so a slow writer pushes
-//! back all the way to the clients; the compression queue is bounded and a
-//! full queue leaves the job in the store for the next pass.
+//! Channels: commit thread → dispatcher → writers are unbounded queues whose
+//! content is bounded by the admission budget (`LOGD_INFLIGHT_BYTES_MAX`):
+//! a writer returns a batch's budget only once it has written the batch, so
+//! frames in memory never exceed the budget, a slow writer pushes back all
+//! the way to the clients, and the dispatcher itself never waits on one
+//! session (no head-of-line blocking). The compression queue is bounded and
+//! a full queue leaves the job in the store for the next pass.
 //!
 //! Shutdown: when the commit thread drops its sender, the dispatcher routes
 //! what is left, closes every writer's queue, and each writer syncs,
@@ -37,8 +39,6 @@ use crate::meta::{CompressJob, MetaStore};
 use crate::pb::LogFrame;
 use crate::rotate::{Lifecycle, Rotation, rotate_synced, run_compression};
 
-/// Batches queued for one writer before the dispatcher waits.
-pub const WRITER_QUEUE_MAX: usize = 64;
 /// Compression jobs queued before new ones wait in the store only.
 pub const COMPRESS_QUEUE_MAX: usize = 1024;
 
@@ -74,6 +74,8 @@ pub struct WriterConfig {
     pub events_added: Arc<Notify>,
     /// Counters.
     pub stats: Arc<DispatchStats>,
+    /// The admission budget, returned by writers once a batch is written.
+    pub budget: Arc<Semaphore>,
 }
 
 /// Live counters of the dispatcher, writers and compression pool.
@@ -110,8 +112,8 @@ fn reason_index(r: RotateReason) -> usize {
 
 /// What a writer is asked to do.
 pub enum WriterMsg {
-    /// Materialize these durable frames.
-    Frames(Vec<(u64, LogFrame)>),
+    /// Materialize these durable frames, then return this many budget units.
+    Frames(Vec<(u64, LogFrame)>, u32),
     /// Rotate now; the reply names the rotated file (None: file was empty).
     Rotate(oneshot::Sender<Result<Option<String>, String>>),
 }
@@ -128,7 +130,7 @@ pub enum Control {
 }
 
 struct WriterHandle {
-    tx: mpsc::Sender<WriterMsg>,
+    tx: mpsc::UnboundedSender<WriterMsg>,
     join: JoinHandle<()>,
 }
 
@@ -225,7 +227,6 @@ pub async fn run_dispatcher(
     cfg: WriterConfig,
     mut rx: mpsc::UnboundedReceiver<Durable>,
     mut control: mpsc::Receiver<Control>,
-    budget: Arc<Semaphore>,
     segments: Segments,
     start_lsn: u64,
 ) {
@@ -241,8 +242,7 @@ pub async fn run_dispatcher(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(batch) = msg else { break };
-                route(&cfg, &mut writers, &mut tracker, batch.frames, &report_tx).await;
-                budget.add_permits(batch.budget_units as usize);
+                                route(&cfg, &mut writers, &mut tracker, batch.frames, batch.budget_units, &report_tx);
                 stats.routed_through.store(tracker.last_routed(), Ordering::Relaxed);
             }
             Some(ctl) = control.recv() => rotate_on_request(&cfg, &mut writers, &report_tx, ctl).await,
@@ -303,7 +303,7 @@ async fn rotate_on_request(
     for s in targets {
         let (tx, rx) = oneshot::channel();
         let w = writer_for(cfg, writers, report_tx, &s);
-        if w.tx.send(WriterMsg::Rotate(tx)).await.is_ok() {
+        if w.tx.send(WriterMsg::Rotate(tx)).is_ok() {
             waits.push(rx);
         }
     }
@@ -335,7 +335,7 @@ fn writer_for<'a>(
         writers.remove(session);
     }
     writers.entry(session.to_owned()).or_insert_with(|| {
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE_MAX);
+        let (tx, rx) = mpsc::unbounded_channel();
         let join = tokio::spawn(run_writer(cfg.clone(), session.to_owned(), rx, report_tx.clone()));
         WriterHandle { tx, join }
     })
@@ -367,14 +367,19 @@ fn spawn_removal(meta: Arc<dyn MetaStore>, segments: Segments, safe: u64) -> Joi
     })
 }
 
-async fn route(
+fn route(
     cfg: &WriterConfig,
     writers: &mut HashMap<String, WriterHandle>,
     tracker: &mut CheckpointTracker,
     frames: Vec<(u64, LogFrame)>,
+    budget_units: u32,
     report_tx: &mpsc::UnboundedSender<Report>,
 ) {
-    let Some(&(last_lsn, _)) = frames.last() else { return };
+    let Some(&(last_lsn, _)) = frames.last() else {
+        cfg.budget.add_permits(budget_units as usize);
+        return;
+    };
+    let total_frames = frames.len() as u64;
     let mut by_session: HashMap<String, Vec<(u64, LogFrame)>> = HashMap::new();
     for (lsn, frame) in frames {
         match by_session.get_mut(&frame.session_id) {
@@ -384,14 +389,23 @@ async fn route(
             }
         }
     }
-    for (session, batch) in by_session {
+    // Each session's share of the budget, by frames; the shares sum exactly.
+    let groups = by_session.len();
+    let mut units_left = budget_units;
+    for (i, (session, batch)) in by_session.into_iter().enumerate() {
         tracker.routed(&session, batch[0].0, batch[batch.len() - 1].0);
-        let mut msg = WriterMsg::Frames(batch);
+        let units = if i + 1 == groups {
+            units_left
+        } else {
+            ((budget_units as u64 * batch.len() as u64) / total_frames) as u32
+        };
+        units_left -= units;
+        let mut msg = WriterMsg::Frames(batch, units);
         // A writer that stopped (idle) between our look and the send hands
         // the batch back; a fresh writer takes it.
         for _ in 0..2 {
             let w = writer_for(cfg, writers, report_tx, &session);
-            match w.tx.send(msg).await {
+            match w.tx.send(msg) {
                 Ok(()) => break,
                 Err(mpsc::error::SendError(back)) => msg = back,
             }
@@ -601,7 +615,7 @@ impl Writer {
 async fn run_writer(
     cfg: WriterConfig,
     session: String,
-    mut rx: mpsc::Receiver<WriterMsg>,
+    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
     report_tx: mpsc::UnboundedSender<Report>,
 ) {
     let flush_interval = cfg.flush_interval;
@@ -620,7 +634,10 @@ async fn run_writer(
     loop {
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(WriterMsg::Frames(batch)) => w.frames(batch).await,
+                                Some(WriterMsg::Frames(batch, units)) => {
+                    w.frames(batch).await;
+                    w.cfg.budget.add_permits(units as usize);
+                },
                 Some(WriterMsg::Rotate(reply)) => {
                     let _ = reply.send(w.rotate(RotateReason::Manual).await);
                 }
@@ -633,20 +650,34 @@ async fn run_writer(
                 if !w.failed && w.too_old() {
                     w.rotate(RotateReason::Age).await.ok();
                 }
-                if w.last_frame_at.elapsed() >= idle_timeout {
+                if w.last_frame_at.elapsed() >= idle_timeout && rx.is_empty() {
                     if !w.failed && w.file.as_ref().is_some_and(|f| f.offset() > 0) {
                         w.rotate(RotateReason::Idle).await.ok();
+                    }
+                    // A failed writer keeps its session until restart: the
+                    // frames it dropped are only in the WAL, and a new
+                    // writer's later seqs would make replay skip them.
+                    if w.failed {
+                        continue;
                     }
                     // Stop taking frames; whatever was already queued is
                     // still written (into a new file) before the task ends.
                     rx.close();
                     while let Some(msg) = rx.recv().await {
                         match msg {
-                            WriterMsg::Frames(batch) => w.frames(batch).await,
+                                                        WriterMsg::Frames(batch, units) => {
+                                w.frames(batch).await;
+                                w.cfg.budget.add_permits(units as usize);
+                            },
                             WriterMsg::Rotate(reply) => {
                                 let _ = reply.send(w.rotate(RotateReason::Manual).await);
                             }
                         }
+                    }
+                    // What came in meanwhile is in a new file: rotate it
+                    // too, or it would stay live until the session returns.
+                    if !w.failed && w.file.as_ref().is_some_and(|f| f.offset() > 0) {
+                        w.rotate(RotateReason::Idle).await.ok();
                     }
                     if w.dirty {
                         w.sync().await;

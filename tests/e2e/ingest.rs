@@ -7,7 +7,7 @@ use prost_types::{Struct, Timestamp, Value, value::Kind};
 
 use crate::util::*;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_streaming_frames_are_acked_then_materialized_as_json_lines() {
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[]);
@@ -57,7 +57,7 @@ async fn client_streaming_frames_are_acked_then_materialized_as_json_lines() {
     assert_eq!(lines[2].metadata, serde_json::json!({}));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bidi_acks_cover_every_frame_in_order_with_session_ranges() {
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[]);
@@ -95,7 +95,7 @@ async fn bidi_acks_cover_every_frame_in_order_with_session_ranges() {
     assert_eq!(sessions["b-odd"].len(), 1500);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_batch_assigns_seqs_and_counts_duplicates_of_client_seqs() {
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[]);
@@ -131,7 +131,7 @@ async fn unary_batch_assigns_seqs_and_counts_duplicates_of_client_seqs() {
     assert_eq!(got, vec![(5, "a"), (9, "b"), (10, "c"), (11, "d")]);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rejection_rule_has_its_reason_and_valid_neighbours_are_kept() {
     let td = TestDir::new();
     let outside = td.dir.path().join("escaped");
@@ -231,7 +231,7 @@ async fn every_rejection_rule_has_its_reason_and_valid_neighbours_are_kept() {
     assert_eq!(lines.last().unwrap().content, "last");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_over_the_grpc_limit_is_refused_without_harming_the_server() {
     let td = TestDir::new();
     let mut server = Server::start(
@@ -250,7 +250,7 @@ async fn a_message_over_the_grpc_limit_is_refused_without_harming_the_server() {
     server.stop();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_sessions_over_concurrent_streams_each_get_gapless_server_seqs() {
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[]);

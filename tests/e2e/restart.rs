@@ -18,7 +18,7 @@ fn wal_segments(log_dir: &Path) -> Vec<String> {
     v
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_restart_continues_seqs_and_loses_or_duplicates_nothing() {
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[]);
@@ -60,7 +60,7 @@ async fn clean_restart_continues_seqs_and_loses_or_duplicates_nothing() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_logd_on_the_same_state_directory_exits_with_a_clear_error() {
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[]);
@@ -83,7 +83,7 @@ async fn a_second_logd_on_the_same_state_directory_exits_with_a_clear_error() {
     server.stop();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_segments_are_deleted_once_every_session_has_checkpointed_past_them() {
     let td = TestDir::new();
     let mut server = Server::start(
@@ -120,7 +120,7 @@ async fn wal_segments_are_deleted_once_every_session_has_checkpointed_past_them(
     assert_eq!(sessions.values().map(|l| l.len()).sum::<usize>(), 4000);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_frames_survive_sigkill_and_appear_once_after_restart() {
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[("LOG_FLUSH_INTERVAL_MS", "5000")]);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use logd::pb::log_service_client::LogServiceClient;
@@ -57,7 +57,29 @@ impl Server {
         s
     }
 
+    /// Like [`Server::start`], but returns why `logd serve` did not come up
+    /// (it exited, e.g. refusing a damaged WAL or aborting at a crash point
+    /// during recovery) instead of panicking.
+    pub fn try_start(log_dir: &Path, extra: &[(&str, &str)]) -> Result<Server, StartFailure> {
+        let extra: Vec<(String, String)> = extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            log_dir: log_dir.to_path_buf(),
+            extra,
+            stderr_path: PathBuf::new(),
+        };
+        s.try_spawn()?;
+        Ok(s)
+    }
+
     fn spawn(&mut self) {
+        if let Err(f) = self.try_spawn() {
+            panic!("logd did not start (exit: {:?}); stderr:\n{}", f.status, f.stderr);
+        }
+    }
+
+    fn try_spawn(&mut self) -> Result<(), StartFailure> {
         std::fs::create_dir_all(&self.log_dir).unwrap();
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -67,6 +89,7 @@ impl Server {
         cmd.arg("serve")
             .env("LOG_DIR", &self.log_dir)
             .env("LOGD_LISTEN", "127.0.0.1:0")
+            .env("LOGD_METRICS_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr);
@@ -87,11 +110,75 @@ impl Server {
         self.child = Some(child);
         self.stderr_path = stderr_path;
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => self.addr = format!("http://{addr}"),
-            Err(_) => {
-                let status = self.child.as_mut().unwrap().try_wait().ok().flatten();
-                panic!("logd did not start (exit: {status:?}); stderr:\n{}", self.stderr());
+            Ok(addr) => {
+                self.addr = format!("http://{addr}");
+                Ok(())
             }
+            Err(_) => {
+                // Either it exited (stdout closed) or it hung: reap it,
+                // killing it if it has not exited within a few seconds.
+                let mut child = self.child.take().unwrap();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let status = loop {
+                    if let Some(s) = child.try_wait().ok().flatten() {
+                        break Some(s);
+                    }
+                    if Instant::now() > deadline {
+                        let _ = child.kill();
+                        break child.wait().ok();
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                };
+                Err(StartFailure {
+                    status,
+                    stderr: self.stderr(),
+                })
+            }
+        }
+    }
+
+    /// The exit status if the process has exited (it is then reaped and
+    /// the server counts as stopped); None while it runs.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().unwrap()?;
+        self.child = None;
+        Some(status)
+    }
+
+    /// SIGTERM and wait up to `timeout` (then SIGKILL); Err (with stderr)
+    /// unless it exits 0 in time.
+    pub fn try_stop_within(&mut self, timeout: Duration) -> Result<(), String> {
+        let Some(mut child) = self.child.take() else {
+            return Err("logd is not running".into());
+        };
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill -TERM");
+        if !sent.success() {
+            return Err("kill -TERM failed".into());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                if status.success() {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "logd exited with {status} after SIGTERM; stderr:\n{}",
+                    self.stderr()
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "logd did not stop within {timeout:?} of SIGTERM (killed); stderr:\n{}",
+                    self.stderr()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -145,6 +232,23 @@ impl Server {
         assert!(self.child.is_none(), "stop or kill first");
         self.spawn();
     }
+}
+
+/// Why `logd serve` did not start: its exit status (None if unknown) and stderr.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub status: Option<ExitStatus>,
+    pub stderr: String,
+}
+
+/// Runs `logd <args>` to completion with `LOG_DIR` = `log_dir` and extra env vars.
+pub fn run_logd(args: &[&str], log_dir: &Path, extra: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(logd_bin());
+    cmd.args(args).env("LOG_DIR", log_dir).env("RUST_LOG", "info");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run logd")
 }
 
 impl Drop for Server {
@@ -212,9 +316,16 @@ pub fn read_sessions(log_dir: &Path) -> BTreeMap<String, Vec<Line>> {
         .filter(|p| p.is_file())
         .collect();
     names.sort();
-    let (live, rotated): (Vec<PathBuf>, Vec<PathBuf>) = names
+    let (live, mut rotated): (Vec<PathBuf>, Vec<PathBuf>) = names
         .into_iter()
         .partition(|p| p.extension().is_some_and(|e| e == "logtmp"));
+    // Rotated files in seq order (names sort by time, and two rotations in
+    // one second would sort `100-199` before `20-99`).
+    let first_seq = |p: &PathBuf| {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        logd::rotate::parse_rotated_name(name).map(|r| (r.session, r.first_seq))
+    };
+    rotated.sort_by_key(first_seq);
     for path in rotated.into_iter().chain(live) {
         let text = read_maybe_gz(&path);
         let Some(text) = text else { continue };

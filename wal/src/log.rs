@@ -305,6 +305,12 @@ impl Wal {
                         bytes: *bytes,
                         why: why.to_string(),
                     });
+                } else {
+                    // Records a killed process wrote but never fdatasynced
+                    // are readable here; recovery materializes them, so
+                    // they must become durable before anything derived
+                    // from them (or their LSNs would be issued again).
+                    file.sync_data().map_err(Error::io("fdatasync", &path))?;
                 }
                 (file, path, scan.valid_end, scan.next_lsn)
             }
