@@ -311,6 +311,21 @@ fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::Serve
     Ok(Some(tls))
 }
 
+/// Raises the soft open-file limit to the hard one: every active session
+/// holds a file, so the common default of 1024 (or 256) is too low.
+fn raise_nofile_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                info!(from = lim.rlim_cur, to = lim.rlim_max, "raised the open-file limit");
+            }
+        }
+    }
+}
+
 /// Runs the service until a signal; returns after a clean shutdown.
 ///
 /// The port opens first, with `grpc.health.v1.Health` reporting NOT_SERVING
@@ -319,7 +334,8 @@ fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::Serve
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     let store = &args.store;
-    wal::fs::set_file_mode(args.file_mode);
+        wal::fs::set_file_mode(args.file_mode);
+    raise_nofile_limit();
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
     std::fs::create_dir_all(&store.log_dir).with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
     let state_dir = store.state_dir();

@@ -330,13 +330,13 @@ fn writer_for<'a>(
     report_tx: &mpsc::UnboundedSender<Report>,
     session: &str,
 ) -> &'a mut WriterHandle {
+        // A writer that went idle closed its queue but may still be draining
+    // it: the new writer waits for it, so one file never has two writers.
     let stale = writers.get(session).is_some_and(|w| w.tx.is_closed());
-    if stale {
-        writers.remove(session);
-    }
+    let predecessor = if stale { writers.remove(session).map(|w| w.join) } else { None };
     writers.entry(session.to_owned()).or_insert_with(|| {
         let (tx, rx) = mpsc::unbounded_channel();
-        let join = tokio::spawn(run_writer(cfg.clone(), session.to_owned(), rx, report_tx.clone()));
+        let join = tokio::spawn(run_writer(cfg.clone(), session.to_owned(), rx, report_tx.clone(), predecessor));
         WriterHandle { tx, join }
     })
 }
@@ -615,9 +615,15 @@ impl Writer {
 async fn run_writer(
     cfg: WriterConfig,
     session: String,
-    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
+        mut rx: mpsc::UnboundedReceiver<WriterMsg>,
     report_tx: mpsc::UnboundedSender<Report>,
+    predecessor: Option<JoinHandle<()>>,
 ) {
+    if let Some(p) = predecessor
+        && let Err(e) = p.await
+    {
+        error!(session, "previous session writer panicked: {e}");
+    }
     let flush_interval = cfg.flush_interval;
     let idle_timeout = cfg.limits.idle_timeout;
     let mut w = Writer {

@@ -1,5 +1,9 @@
 //! End-to-end tests: the real `logd` binary, real gRPC over TCP, real files.
 
+mod crash;
 mod ingest;
+mod lifecycle;
+mod ops;
+mod redis_server;
 mod restart;
 mod util;
