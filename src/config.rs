@@ -207,7 +207,7 @@ pub struct LifecycleArgs {
     #[arg(long, env = "LOG_COMPRESSION", value_enum, default_value_t = Compression::Gzip)]
     pub compression: Compression,
     /// gzip level, 0 (fastest) to 9 (smallest).
-    #[arg(long, env = "LOGD_COMPRESSION_LEVEL", default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+    #[arg(long, env = "LOGD_COMPRESSION_LEVEL", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=9))]
     pub compression_level: u32,
     /// Redis to mirror file events to, e.g. `redis://127.0.0.1:6379`. Unset: no events.
     #[arg(long, env = "REDIS_URL")]

@@ -85,9 +85,17 @@ pub struct Sequencer {
     budget: Arc<Semaphore>,
     stats: Arc<IngestStats>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    fatal: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Sequencer {
+    /// Cancels `fatal` when a commit fails: the WAL is poisoned, so the
+    /// server stops (exit 1) and a supervisor's restart runs recovery.
+    pub fn with_fatal(mut self, fatal: tokio_util::sync::CancellationToken) -> Self {
+        self.fatal = Some(fatal);
+        self
+    }
+
     /// Records fsync latency and batch sizes in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = Some(metrics);
@@ -109,6 +117,7 @@ impl Sequencer {
             budget,
             stats,
             metrics: None,
+            fatal: None,
         }
     }
 
@@ -170,6 +179,12 @@ impl Stage for Sequencer {
         {
             m.wal_fsync_seconds.observe(info.sync_nanos as f64 / 1e9);
             m.wal_commit_batch_records.observe(info.records as f64);
+        }
+        if let (Some(fatal), Err(e)) = (&self.fatal, result)
+            && !fatal.is_cancelled()
+        {
+            tracing::error!("WAL write failed: {e}; nothing more is acknowledged, logd stops so a restart can recover");
+            fatal.cancel();
         }
         for staged in batch {
             match (staged, result) {

@@ -25,7 +25,19 @@ fn main() -> ExitCode {
     // Crash points are read from FAILPOINTS (test builds only).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let cli = Cli::parse();
+    // Exit codes: 0 ok, 1 usage or I/O error, 2 integrity problem. clap's own
+    // usage errors would exit 2, which scripts would take for damage.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let format = match &cli.command {
         Command::Serve(a) => a.log_format,
         _ => LogFormat::Text,

@@ -398,6 +398,11 @@ pub struct SessionReplay {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Rendered bytes a replayed session file buffers before writing; with at
+/// most `files_open_max` files open, replay memory stays near 32 MiB
+/// whatever the size of the WAL.
+const REPLAY_PENDING_BYTES_MAX: usize = 128 << 10;
+
 impl Replayer {
     /// A replayer writing into `log_dir`, reading checkpoints from `meta`.
     pub fn new(fs: Arc<dyn Fs>, log_dir: &Path, meta: Arc<dyn MetaStore>) -> Self {
@@ -590,7 +595,7 @@ impl Replayer {
         }
         let sf = self.files.get_mut(&frame.session_id).expect("just inserted");
         let written = sf.append(lsn, frame);
-        if sf.pending_bytes() > 1 << 20 {
+        if sf.pending_bytes() > REPLAY_PENDING_BYTES_MAX {
             sf.write_pending()?;
         }
         Ok(written)

@@ -423,7 +423,7 @@ pub fn run_compression(
     job: &CompressJob,
 ) -> Result<Compressed, BoxError> {
     let rot = &job.rotation;
-    let level = life.gzip_level.unwrap_or(6);
+    let level = life.gzip_level.unwrap_or(1);
     let done = compress_step(fs, log_dir, &rot.to, level)?;
     wal::crash_point!("compress::after_gz");
     if life.events {

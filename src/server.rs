@@ -316,9 +316,15 @@ fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::Serve
 fn raise_nofile_limit() {
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
                 info!(from = lim.rlim_cur, to = lim.rlim_max, "raised the open-file limit");
             }
@@ -334,7 +340,7 @@ fn raise_nofile_limit() {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     let store = &args.store;
-        wal::fs::set_file_mode(args.file_mode);
+    wal::fs::set_file_mode(args.file_mode);
     raise_nofile_limit();
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
     std::fs::create_dir_all(&store.log_dir).with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
@@ -346,6 +352,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = tls_config(&args)?;
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
+    // Cancelled when the WAL fails: logd then stops with exit code 1.
+    let fatal = CancellationToken::new();
 
     // The ports open before recovery, so health checks see NOT_SERVING.
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -391,6 +399,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let token = shutdown.clone();
     let reporter = health_reporter.clone();
+    let wal_failed = fatal.clone();
     let server = builder
         .add_service(health_svc)
         .add_service(reflection)
@@ -400,7 +409,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(admin_svc, auth))
         .serve_with_incoming_shutdown(limited_incoming(listener, args.max_connections), async move {
-            shutdown_signal().await;
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = wal_failed.cancelled() => {}
+            }
             reporter
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
@@ -469,8 +481,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let start_lsn = wal.next_lsn();
     let segments = wal.segments();
     let wal_stats = wal.stats();
-    let sequencer =
-        Sequencer::new(meta.clone(), to_dispatcher, budget.clone(), stats.clone()).with_metrics(metrics.clone());
+    let sequencer = Sequencer::new(meta.clone(), to_dispatcher, budget.clone(), stats.clone())
+        .with_metrics(metrics.clone())
+        .with_fatal(fatal.clone());
     let commit = wal::GroupCommit::start(wal, sequencer, COMMIT_BATCH_REQUESTS_MAX);
     let (compress_tx, compress_rx) = mpsc::channel(COMPRESS_QUEUE_MAX);
     let events_added = Arc::new(Notify::new());
@@ -600,6 +613,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         m.await??;
     }
     meta.flush().context("final metadata flush")?;
+    if fatal.is_cancelled() {
+        anyhow::bail!(
+            "the write-ahead log failed (see the log above); stopped so that a restart recovers from what is on disk"
+        );
+    }
     info!("shutdown complete");
     Ok(())
 }

@@ -330,13 +330,23 @@ fn writer_for<'a>(
     report_tx: &mpsc::UnboundedSender<Report>,
     session: &str,
 ) -> &'a mut WriterHandle {
-        // A writer that went idle closed its queue but may still be draining
+    // A writer that went idle closed its queue but may still be draining
     // it: the new writer waits for it, so one file never has two writers.
     let stale = writers.get(session).is_some_and(|w| w.tx.is_closed());
-    let predecessor = if stale { writers.remove(session).map(|w| w.join) } else { None };
+    let predecessor = if stale {
+        writers.remove(session).map(|w| w.join)
+    } else {
+        None
+    };
     writers.entry(session.to_owned()).or_insert_with(|| {
         let (tx, rx) = mpsc::unbounded_channel();
-        let join = tokio::spawn(run_writer(cfg.clone(), session.to_owned(), rx, report_tx.clone(), predecessor));
+        let join = tokio::spawn(run_writer(
+            cfg.clone(),
+            session.to_owned(),
+            rx,
+            report_tx.clone(),
+            predecessor,
+        ));
         WriterHandle { tx, join }
     })
 }
@@ -615,7 +625,7 @@ impl Writer {
 async fn run_writer(
     cfg: WriterConfig,
     session: String,
-        mut rx: mpsc::UnboundedReceiver<WriterMsg>,
+    mut rx: mpsc::UnboundedReceiver<WriterMsg>,
     report_tx: mpsc::UnboundedSender<Report>,
     predecessor: Option<JoinHandle<()>>,
 ) {

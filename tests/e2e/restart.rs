@@ -146,3 +146,93 @@ async fn acked_frames_survive_sigkill_and_appear_once_after_restart() {
     let seqs: Vec<i64> = lines.iter().map(|l| l.seq).collect();
     assert_eq!(seqs, (1..=2100).collect::<Vec<_>>());
 }
+
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.file_name().is_some_and(|n| n != "LOCK") {
+                out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn recover(log_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(logd_bin())
+        .arg("recover")
+        .args(args)
+        .env("LOG_DIR", log_dir)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_dry_run_changes_nothing_and_exit_codes_separate_repairs_from_integrity_problems() {
+    let td = TestDir::new();
+    let mut server = Server::start(&td.log_dir(), &[("LOG_FLUSH_INTERVAL_MS", "60000")]);
+    let mut client = server.client().await;
+    let frames: Vec<LogFrame> = (0..500)
+        .map(|i| frame("dry", 0, &format!("frame {i} {}", "z".repeat(100))))
+        .collect();
+    assert_eq!(send_stream(&mut client, frames).await.frames_accepted, 500);
+    server.kill9();
+    let wal_dir = td.log_dir().join(".logd/wal");
+    let seg = wal_dir.join(wal_segments(&td.log_dir()).pop().unwrap());
+
+    // A torn tail: dry run reports it, changes nothing, exits 0.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes.extend_from_slice(&[0xab; 100]);
+    std::fs::write(&seg, &bytes).unwrap();
+    let before = snapshot(&td.log_dir());
+    let out = recover(&td.log_dir(), &["--dry-run", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(report["records_read"], 500);
+    assert_eq!(report["torn_tail"]["bytes"], 100, "{report}");
+    assert_eq!(snapshot(&td.log_dir()), before, "--dry-run changed files");
+
+    // Damage followed by valid records: integrity problem, exit 2 everywhere.
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[200] ^= 0x40; // inside the first record's payload
+    std::fs::write(&seg, &bytes).unwrap();
+    for args in [&["--dry-run"][..], &[][..]] {
+        let out = recover(&td.log_dir(), args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "recover {args:?}: {err}");
+        assert!(err.contains("corruption in") && err.contains(".wal at offset"), "{err}");
+    }
+    let verify = Command::new(logd_bin())
+        .args(["wal", "verify"])
+        .env("LOG_DIR", td.log_dir())
+        .output()
+        .unwrap();
+    assert_eq!(verify.status.code(), Some(2));
+    let out = recover(&td.log_dir(), &["--salvage", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["salvage"]["records_lost"], 1, "{report}");
+    // Usage errors are exit 1.
+    let bad = Command::new(logd_bin())
+        .args(["recover", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_ne!(bad.status.code(), Some(0));
+    assert_ne!(bad.status.code(), Some(2));
+    server.restart();
+    server.stop();
+    let lines = &read_sessions(&td.log_dir())["dry"];
+    assert!(
+        lines.len() >= 499,
+        "all but the damaged record are kept: {}",
+        lines.len()
+    );
+    assert_increasing("dry", lines);
+}
