@@ -764,7 +764,11 @@ async fn start_job(
     let permit = slots.clone().acquire_owned().await.expect("pool semaphore open");
     in_flight.insert(job.rotation.to.clone());
     let (cfg, done_tx) = (cfg.clone(), done_tx.clone());
-    tokio::task::spawn_blocking(move || {
+    // A thread of its own at idle priority: compression uses only CPU that
+    // ingest leaves over, and when there is none the files wait as `.log`
+    // (the backlog metric shows it) instead of slowing acks down.
+    let spawned = std::thread::Builder::new().name("logd-gzip".into()).spawn(move || {
+        lower_to_idle_priority();
         let name = job.rotation.to.clone();
         match run_compression(cfg.fs.as_ref(), &cfg.log_dir, cfg.meta.as_ref(), cfg.life, &job) {
             Ok(c) => {
@@ -788,4 +792,18 @@ async fn start_job(
         let _ = done_tx.send(name);
         drop(permit);
     });
+    if let Err(e) = spawned {
+        error!("cannot start a compression thread: {e}; the job stays in the store");
+    }
+}
+
+/// Moves the calling thread to `SCHED_IDLE` (Linux): it runs only when no
+/// other thread wants the CPU.
+fn lower_to_idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` outlives the call.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        debug!("SCHED_IDLE not available: {}", std::io::Error::last_os_error());
+    }
 }
