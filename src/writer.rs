@@ -131,7 +131,8 @@ pub enum Control {
 
 struct WriterHandle {
     tx: mpsc::UnboundedSender<WriterMsg>,
-    join: JoinHandle<()>,
+    /// Resolves to whether the writer had failed (an I/O error).
+    join: JoinHandle<bool>,
 }
 
 /// Which WAL records are materialized and checkpointed, so the segments
@@ -218,7 +219,7 @@ enum Report {
     /// The session's checkpoint now covers records up to `lsn`.
     Checkpointed { session: String, lsn: u64 },
     /// The writer stopped (idle); it took no frame after its last checkpoint.
-    Stopped { session: String },
+    Stopped { session: String, failed: bool },
 }
 
 /// Runs the dispatcher until `rx` closes, then shuts every writer down.
@@ -234,6 +235,7 @@ pub async fn run_dispatcher(
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
     let mut writers: HashMap<String, WriterHandle> = HashMap::new();
     let mut tracker = CheckpointTracker::new(start_lsn);
+    let mut failed_sessions: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut removed_below = 0u64;
     let mut tick = tokio::time::interval(cfg.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -242,13 +244,18 @@ pub async fn run_dispatcher(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(batch) = msg else { break };
-                                route(&cfg, &mut writers, &mut tracker, batch.frames, batch.budget_units, &report_tx);
+                                route(&cfg, &mut writers, &failed_sessions, &mut tracker, batch.frames, batch.budget_units, &report_tx);
                 stats.routed_through.store(tracker.last_routed(), Ordering::Relaxed);
             }
-            Some(ctl) = control.recv() => rotate_on_request(&cfg, &mut writers, &report_tx, ctl).await,
+                        Some(ctl) = control.recv() => rotate_on_request(&cfg, &mut writers, &failed_sessions, &report_tx, ctl).await,
             Some(report) = report_rx.recv() => match report {
                 Report::Checkpointed { session, lsn } => tracker.checkpointed(&session, lsn),
-                Report::Stopped { session } => {
+                                Report::Stopped { session, failed } => {
+                    if failed {
+                        // Frames it dropped are only in the WAL: no later
+                        // writer may write after them before a restart.
+                        failed_sessions.insert(session.clone());
+                    }
                     if writers.get(&session).is_some_and(|w| w.tx.is_closed()) {
                         writers.remove(&session);
                         tracker.forget(&session);
@@ -291,6 +298,7 @@ pub async fn run_dispatcher(
 async fn rotate_on_request(
     cfg: &WriterConfig,
     writers: &mut HashMap<String, WriterHandle>,
+    failed_sessions: &std::collections::HashSet<String>,
     report_tx: &mpsc::UnboundedSender<Report>,
     ctl: Control,
 ) {
@@ -302,7 +310,7 @@ async fn rotate_on_request(
     let mut waits = Vec::new();
     for s in targets {
         let (tx, rx) = oneshot::channel();
-        let w = writer_for(cfg, writers, report_tx, &s);
+        let w = writer_for(cfg, writers, failed_sessions, report_tx, &s);
         if w.tx.send(WriterMsg::Rotate(tx)).is_ok() {
             waits.push(rx);
         }
@@ -327,9 +335,11 @@ async fn rotate_on_request(
 fn writer_for<'a>(
     cfg: &WriterConfig,
     writers: &'a mut HashMap<String, WriterHandle>,
+    failed_sessions: &std::collections::HashSet<String>,
     report_tx: &mpsc::UnboundedSender<Report>,
     session: &str,
 ) -> &'a mut WriterHandle {
+    let start_failed = failed_sessions.contains(session);
     // A writer that went idle closed its queue but may still be draining
     // it: the new writer waits for it, so one file never has two writers.
     let stale = writers.get(session).is_some_and(|w| w.tx.is_closed());
@@ -346,6 +356,7 @@ fn writer_for<'a>(
             rx,
             report_tx.clone(),
             predecessor,
+            start_failed,
         ));
         WriterHandle { tx, join }
     })
@@ -380,6 +391,7 @@ fn spawn_removal(meta: Arc<dyn MetaStore>, segments: Segments, safe: u64) -> Joi
 fn route(
     cfg: &WriterConfig,
     writers: &mut HashMap<String, WriterHandle>,
+    failed_sessions: &std::collections::HashSet<String>,
     tracker: &mut CheckpointTracker,
     frames: Vec<(u64, LogFrame)>,
     budget_units: u32,
@@ -414,7 +426,7 @@ fn route(
         // A writer that stopped (idle) between our look and the send hands
         // the batch back; a fresh writer takes it.
         for _ in 0..2 {
-            let w = writer_for(cfg, writers, report_tx, &session);
+            let w = writer_for(cfg, writers, failed_sessions, report_tx, &session);
             match w.tx.send(msg) {
                 Ok(()) => break,
                 Err(mpsc::error::SendError(back)) => msg = back,
@@ -627,12 +639,20 @@ async fn run_writer(
     session: String,
     mut rx: mpsc::UnboundedReceiver<WriterMsg>,
     report_tx: mpsc::UnboundedSender<Report>,
-    predecessor: Option<JoinHandle<()>>,
-) {
-    if let Some(p) = predecessor
-        && let Err(e) = p.await
-    {
-        error!(session, "previous session writer panicked: {e}");
+    predecessor: Option<JoinHandle<bool>>,
+    start_failed: bool,
+) -> bool {
+    // A predecessor that failed dropped frames that are only in the WAL: this
+    // writer must not write later ones after them, so it starts failed too.
+    let mut inherited_failure = start_failed;
+    if let Some(p) = predecessor {
+        match p.await {
+            Ok(failed) => inherited_failure |= failed,
+            Err(e) => {
+                error!(session, "previous session writer panicked: {e}");
+                inherited_failure = true;
+            }
+        }
     }
     let flush_interval = cfg.flush_interval;
     let idle_timeout = cfg.limits.idle_timeout;
@@ -641,7 +661,7 @@ async fn run_writer(
         session,
         file: None,
         dirty: false,
-        failed: false,
+        failed: inherited_failure,
         last_frame_at: Instant::now(),
         report_tx,
     };
@@ -699,8 +719,8 @@ async fn run_writer(
                         w.sync().await;
                     }
                     w.cfg.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                    let _ = w.report_tx.send(Report::Stopped { session: w.session.clone() });
-                    return;
+                                        let _ = w.report_tx.send(Report::Stopped { session: w.session.clone(), failed: w.failed });
+                    return w.failed;
                 }
             }
         }
@@ -708,6 +728,7 @@ async fn run_writer(
     if w.dirty {
         w.sync().await;
     }
+    w.failed
 }
 
 /// Runs compression jobs, at most `workers` at a time, off the ingest path.
