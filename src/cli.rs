@@ -260,7 +260,7 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     let (meta, meta_aside) = if args.dry_run {
         (open_meta_read_only(&store.meta_dir())?, None)
     } else {
-        std::fs::create_dir_all(&store.log_dir)
+        logd::server::create_dir_durably(&store.log_dir)
             .with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
         open_meta(&store.meta_dir(), args.rebuild_meta)?
     };

@@ -81,6 +81,25 @@ impl StateLock {
     }
 }
 
+/// Creates `dir` (and missing parents), fsyncing each new directory's parent
+/// so a power cut cannot take the directory, and the files in it, away.
+pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    let missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        let parent = created
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Opens the metadata store. When it cannot be opened (sled 0.34 has open
 /// reports of stores that will not reopen after an abrupt stop), or when
 /// `rebuild` asks for it, the directory is moved aside (never deleted) and a
@@ -343,7 +362,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     wal::fs::set_file_mode(args.file_mode);
     raise_nofile_limit();
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
-    std::fs::create_dir_all(&store.log_dir).with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
+    create_dir_durably(&store.log_dir).with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
     let state_dir = store.state_dir();
     let _lock = StateLock::acquire(&state_dir)?;
     std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
