@@ -49,35 +49,11 @@ fn start_with_metrics(log_dir: &Path, extra: &[(&str, &str)]) -> (Server, String
     (server, metrics)
 }
 
-/// SIGTERM, then waits for exit 0 without blocking the runtime: client
-/// connections this test still holds must answer the server's GOAWAY, or a
-/// graceful stop sits out its whole grace period (util's `stop` sleeps on
-/// the runtime's thread). Asserts the stop did not need that grace.
+/// Stops without blocking the runtime (clients this test still holds must
+/// answer the server's GOAWAY) and asserts the stop did not need the grace
+/// period.
 async fn stop(server: &mut Server) {
-    let mut child = server.child.take().expect("running");
-    let sent = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill -TERM");
-    assert!(sent.success(), "kill -TERM failed");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(
-                status.success(),
-                "logd exited with {status}; stderr:\n{}",
-                server.stderr()
-            );
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("logd did not stop within 30 s of SIGTERM; stderr:\n{}", server.stderr());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server.stop_async().await;
     let stderr = server.stderr();
     assert!(
         !stderr.contains("streams still open"),

@@ -192,30 +192,51 @@ impl Server {
         LogServiceClient::connect(self.addr.clone()).await.expect("connect")
     }
 
-    /// SIGTERM and wait; panics unless it exits 0 within 30 s.
-    pub fn stop(&mut self) {
-        let mut child = self.child.take().expect("running");
+    /// Sends SIGTERM; returns the child and the deadline for its exit.
+    fn term(&mut self) -> (Child, Instant) {
+        let child = self.child.take().expect("running");
         let sent = Command::new("kill")
             .arg("-TERM")
             .arg(child.id().to_string())
             .status()
             .expect("kill -TERM");
         assert!(sent.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "logd exited with {status} after SIGTERM; stderr:\n{}",
-                    self.stderr()
-                );
-                return;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("logd did not stop within 30 s of SIGTERM; stderr:\n{}", self.stderr());
-            }
+        (child, Instant::now() + Duration::from_secs(30))
+    }
+
+    /// True once `child` exited 0; panics on a failed exit or past `deadline`.
+    fn stopped(&self, child: &mut Child, deadline: Instant) -> bool {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "logd exited with {status} after SIGTERM; stderr:\n{}",
+                self.stderr()
+            );
+            return true;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("logd did not stop within 30 s of SIGTERM; stderr:\n{}", self.stderr());
+        }
+        false
+    }
+
+    /// SIGTERM and wait; panics unless it exits 0 within 30 s. Blocks the
+    /// thread: in a single-threaded runtime, clients it holds cannot answer
+    /// the server's GOAWAY (use [`Server::stop_async`] there).
+    pub fn stop(&mut self) {
+        let (mut child, deadline) = self.term();
+        while !self.stopped(&mut child, deadline) {
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`Server::stop`], without blocking the runtime.
+    pub async fn stop_async(&mut self) {
+        let (mut child, deadline) = self.term();
+        while !self.stopped(&mut child, deadline) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
