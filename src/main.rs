@@ -9,6 +9,13 @@ use logd::config::{Cli, Command, LogFormat};
 
 mod cli;
 
+/// jemalloc instead of glibc malloc: the ingest path allocates a few small
+/// buffers per frame (decoded strings, batch vectors) on one thread and frees
+/// them on another; glibc's malloc/free/consolidate was ~15% of the profile.
+/// (mimalloc was as fast but doubled peak RSS with many sessions.)
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()

@@ -99,7 +99,7 @@ pub fn render_line(frame: &LogFrame, out: &mut Vec<u8>) {
 
 /// Appends `s` as a JSON string, byte-identical to serde_json's output.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if !needs_escape(s.as_bytes()) {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
@@ -107,6 +107,21 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
     } else {
         serde_json::to_writer(&mut *out, s).expect("writing JSON to a Vec cannot fail");
     }
+}
+
+/// True if `b` holds a byte JSON must escape (a control byte, `"` or `\\`).
+/// Checks 32 bytes per step with no early exit inside a step, which the
+/// compiler turns into vector compares; a byte-at-a-time `all()` cost 14% of
+/// the ingest profile for 256-byte contents.
+fn needs_escape(b: &[u8]) -> bool {
+    let flag = |acc: bool, &c: &u8| acc | (c < 0x20) | (c == b'"') | (c == b'\\');
+    let mut chunks = b.chunks_exact(32);
+    for chunk in &mut chunks {
+        if chunk.iter().fold(false, flag) {
+            return true;
+        }
+    }
+    chunks.remainder().iter().fold(false, flag)
 }
 
 /// Parses the seq of a line written by [`render_line`] (`{"seq":N,...`).
@@ -710,6 +725,19 @@ mod tests {
             let mut fast = Vec::new();
             json_str(&mut fast, s);
             assert_eq!(fast, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
+        // Long strings: an escape at every position, inside a 32-byte step
+        // and in the remainder.
+        for len in [31, 32, 33, 64, 100] {
+            for at in 0..len {
+                for special in ['"', '\\', '\n', '\u{0}', '\u{1f}'] {
+                    let mut s: String = "x".repeat(len);
+                    s.replace_range(at..at + 1, &special.to_string());
+                    let mut fast = Vec::new();
+                    json_str(&mut fast, &s);
+                    assert_eq!(fast, serde_json::to_vec(&s).unwrap(), "{s:?}");
+                }
+            }
         }
     }
 
