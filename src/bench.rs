@@ -293,17 +293,23 @@ async fn bidi(
     let mut sent_at: VecDeque<Instant> = VecDeque::new();
     let mut sent = 0u64;
     let mut settled = 0u64;
-    let mut pacer = Pacer::new(args);
+    let per_frame = Pacer::new(args).per_frame;
+    let mut next_burst = Instant::now();
     let mut tx = Some(tx);
     let burst = 64u64;
     loop {
         if let Some(sender) = &tx {
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 tx = None;
-            } else if sent - settled < window {
-                let n = burst.min(window - (sent - settled));
-                pacer.wait(n).await;
-                let now = Instant::now();
+                continue;
+            }
+            let room = window - (sent - settled);
+            if room > 0 && now >= next_burst {
+                let n = burst.min(room);
+                if let Some(d) = per_frame {
+                    next_burst += d * n as u32;
+                }
                 for _ in 0..n {
                     let s = &sessions[(sent as usize) % sessions.len()];
                     sender.send(frame(s, content)).await?;
@@ -316,8 +322,19 @@ async fn bidi(
                 }
                 continue;
             }
+            // Acks are read while waiting for the next paced burst: an ack
+            // must never wait for the pacer, or the pause shows as latency.
+            let wake = if room > 0 { next_burst.min(deadline) } else { deadline };
+            tokio::select! {
+                ack = acks.next() => match ack {
+                    Some(ack) => settle(ack?.through_index as u64, &mut settled, &mut sent_at, &mut hist, shared)?,
+                    None => anyhow::bail!("stream ended with {} frames unacked", sent - settled),
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            continue;
         }
-        if tx.is_none() && settled == sent {
+        if settled == sent {
             break;
         }
         match acks.next().await {
