@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! gRPC handler ──IngestRequest──▶ wal-commit thread (Sequencer: seq per session,
-//!   (validated frames)               append records, one write + one fdatasync)
+//!   (validated frames)               append records, one write; then the
+//!                                    wal-sync thread: one fdatasync, settle)
 //!        ▲                                   │ settle
 //!        └──── Outcomes (after fsync) ◀──────┤
 //!                                            └──▶ dispatcher ──▶ session writers
@@ -11,7 +12,7 @@
 //! LSNs, so replaying the WAL reproduces them exactly. Nothing is sent to a
 //! client, nor to a writer, before the fdatasync covering it returned Ok.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -20,7 +20,7 @@
 //! checkpoints and reports before the dispatcher flushes the store and
 //! returns. Shutdown does not rotate: the next start continues the `.logtmp`.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

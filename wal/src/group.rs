@@ -1,23 +1,30 @@
-//! Group commit: many appenders, one committer thread.
+//! Group commit: many appenders, a committer thread and a syncer thread.
 //!
 //! Appenders [`GroupCommit::submit`] requests to a queue and return at once
 //! (the caller waits on its own completion channel). The committer thread
 //! takes everything queued, lets the [`Stage`] append each request's records
-//! in submission order, then makes the whole batch durable with one write and
-//! one fdatasync ([`Wal::commit`]), and only then settles every request of
-//! the batch. Batches grow by themselves while a fdatasync is in flight, with
-//! no added wait. The queue itself is unbounded: callers bound what they put
-//! in flight (logd admits requests through a byte budget).
+//! in submission order, writes the batch with one write
+//! ([`Wal::write_batch`]) and hands it to the syncer thread, which makes it
+//! durable with one fdatasync ([`Unsynced::sync`]) and only then settles
+//! every request of the batch. The two are pipelined: batch N+1 is staged
+//! and written while batch N's fdatasync runs (one batch waits at most), so
+//! the encoding work hides behind the disk. Batches grow by themselves while
+//! an fdatasync is in flight, with no added wait. Batches are synced and
+//! settled in order, and after a failed fdatasync every later batch fails
+//! too. The queue itself is unbounded: callers bound what they put in
+//! flight (logd admits requests through a byte budget).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::log::{CommitInfo, Wal};
+use crate::log::{CommitInfo, Unsynced, Wal};
 
-/// What the committer does with requests. Runs on the committer thread only,
-/// so it may own state (logd's per-session seq counters) without locks.
+/// What the committer does with requests. `stage` runs on the committer
+/// thread and `settle` on the syncer thread, never at the same time (the
+/// stage sits behind a mutex), so it may own state (logd's per-session seq
+/// counters) without locks of its own.
 pub trait Stage: Send + 'static {
     /// A unit of work submitted by an appender.
     type Request: Send + 'static;
@@ -79,7 +86,7 @@ impl<R: Send> Submitter<R> {
 impl<S: Stage> GroupCommit<S> {
     /// Starts the committer thread, which owns `wal` and `stage` until
     /// [`GroupCommit::shutdown`]. `batch_requests_max` bounds one batch.
-    pub fn start(wal: Wal, mut stage: S, batch_requests_max: usize) -> Self {
+    pub fn start(wal: Wal, stage: S, batch_requests_max: usize) -> Self {
         assert!(batch_requests_max > 0, "a batch holds at least one request");
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -88,13 +95,27 @@ impl<S: Stage> GroupCommit<S> {
             }),
             ready: Condvar::new(),
         });
+        let stage = Arc::new(Mutex::new(stage));
+        // One written batch waits while another syncs: deeper queues would
+        // only split what could be one larger batch.
+        let (to_sync, written) = std::sync::mpsc::sync_channel::<(Vec<S::Staged>, Result<Unsynced>)>(1);
+        let sync_stage = stage.clone();
+        let syncer = std::thread::Builder::new()
+            .name("wal-sync".into())
+            .spawn(move || {
+                for (staged, unsynced) in written {
+                    let result = unsynced.and_then(Unsynced::sync);
+                    crate::crash_point!("wal::commit::after_fsync");
+                    sync_stage.lock().unwrap().settle(staged, result.as_ref());
+                }
+            })
+            .expect("spawn wal-sync thread");
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("wal-commit".into())
             .spawn(move || {
                 let mut wal = wal;
                 let mut taken = VecDeque::new();
-                let mut staged = Vec::new();
                 loop {
                     {
                         let mut q = thread_shared.queue.lock().unwrap();
@@ -110,13 +131,21 @@ impl<S: Stage> GroupCommit<S> {
                             taken.extend(q.items.drain(..batch_requests_max));
                         }
                     }
+                    let mut staged = Vec::with_capacity(taken.len());
                     for req in taken.drain(..) {
-                        staged.push(stage.stage(req, &mut wal));
+                        staged.push(stage.lock().unwrap().stage(req, &mut wal));
                     }
-                    let result = wal.commit();
-                    crate::crash_point!("wal::commit::after_fsync");
-                    stage.settle(std::mem::take(&mut staged), result.as_ref());
+                    let unsynced = wal.write_batch();
+                    if to_sync.send((staged, unsynced)).is_err() {
+                        break; // the syncer is gone (it panicked)
+                    }
                 }
+                drop(to_sync);
+                syncer.join().expect("wal-sync thread panicked");
+                let stage = match Arc::try_unwrap(stage) {
+                    Ok(m) => m.into_inner().unwrap(),
+                    Err(_) => unreachable!("the syncer has exited"),
+                };
                 (wal, stage)
             })
             .expect("spawn wal-commit thread");

@@ -58,9 +58,13 @@
 //! 512-byte run of zeros, later hit by real corruption, can be taken for torn.
 //!
 //! # Group commit
-//! [`GroupCommit`] runs one committer thread: it drains the queue, stages
-//! each request's records into one buffer, issues one `write` and one
-//! `fdatasync`, and settles every request of the batch.
+//! [`GroupCommit`] runs a committer thread and a syncer thread. The
+//! committer drains the queue, stages each request's records into one
+//! buffer and issues one `write`; the syncer issues one `fdatasync` per
+//! written batch, in order, and settles every request of the batch. Batch
+//! N+1 is staged and written while batch N syncs. After a failed
+//! `fdatasync` every later batch fails too, even one whose own `fdatasync`
+//! returns Ok.
 
 /// Aborts the process at a named crash point when the `failpoints` feature
 /// is on and `FAILPOINTS` names it with the `return` action (for example
@@ -90,7 +94,8 @@ pub mod sim;
 pub use error::{Error, Result};
 pub use group::{GroupCommit, Stage, Submitter};
 pub use log::{
-    CommitInfo, OpenReport, ReadSummary, SegmentInfo, Segments, TornTail, Wal, WalOptions, WalStats, read_from, verify,
+    CommitInfo, OpenReport, ReadSummary, SegmentInfo, Segments, TornTail, Unsynced, Wal, WalOptions, WalStats,
+    read_from, verify,
 };
 pub use log::{SalvageReport, salvage};
 pub use record::RecordType;

@@ -196,14 +196,76 @@ pub struct Wal {
     dir: PathBuf,
     opts: WalOptions,
     segments: Segments,
-    active: Box<dyn FsFile>,
+    active: Arc<dyn FsFile>,
     active_path: PathBuf,
     write_offset: u64,
     buf: Vec<u8>,
     buf_records: u64,
     next_lsn: u64,
-    poisoned: Option<String>,
+    poisoned: Arc<Mutex<Option<String>>>,
     stats: Arc<WalStats>,
+}
+
+/// Records written to the active segment by [`Wal::write_batch`] but not yet
+/// fdatasynced. [`Unsynced::sync`] makes them durable; it may run on another
+/// thread while the WAL stages and writes the next batch (pipelined group
+/// commit). Nothing in it may be acknowledged before `sync` returns Ok.
+pub struct Unsynced {
+    file: Arc<dyn FsFile>,
+    path: PathBuf,
+    records: u64,
+    bytes: u64,
+    durable_lsn_end: u64,
+    poisoned: Arc<Mutex<Option<String>>>,
+    stats: Arc<WalStats>,
+}
+
+impl Unsynced {
+    /// Records this batch holds.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// fdatasyncs the segment the batch was written to. On error the WAL is
+    /// poisoned (see [`Wal::commit`] for why there is no retry), and so is
+    /// every later batch: once one fdatasync failed, a later one returning Ok
+    /// proves nothing about the pages the failed one lost.
+    pub fn sync(self) -> Result<CommitInfo> {
+        if let Some(why) = self.poisoned.lock().unwrap().clone() {
+            return Err(Error::Poisoned(why));
+        }
+        if self.records == 0 {
+            return Ok(CommitInfo {
+                records: 0,
+                bytes: 0,
+                durable_lsn_end: self.durable_lsn_end,
+                sync_nanos: 0,
+            });
+        }
+        let t = std::time::Instant::now();
+        if let Err(e) = self.file.sync_data() {
+            let err = Error::io("fdatasync", &self.path)(e);
+            let mut p = self.poisoned.lock().unwrap();
+            if p.is_none() {
+                *p = Some(err.to_string());
+            }
+            return Err(err);
+        }
+        let sync_nanos = t.elapsed().as_nanos() as u64;
+        let s = &self.stats;
+        s.fsync_nanos.fetch_add(sync_nanos, Ordering::Relaxed);
+        s.commits.fetch_add(1, Ordering::Relaxed);
+        s.records.fetch_add(self.records, Ordering::Relaxed);
+        s.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        let bucket = (63 - self.records.leading_zeros() as usize).min(s.batch_log2_histogram.len() - 1);
+        s.batch_log2_histogram[bucket].fetch_add(1, Ordering::Relaxed);
+        Ok(CommitInfo {
+            records: self.records,
+            bytes: self.bytes,
+            durable_lsn_end: self.durable_lsn_end,
+            sync_nanos,
+        })
+    }
 }
 
 /// The segments of a directory as (first LSN, path) sorted by LSN, and its
@@ -345,13 +407,13 @@ impl Wal {
             dir: dir.to_path_buf(),
             opts,
             segments,
-            active,
+            active: Arc::from(active),
             active_path,
             write_offset,
             buf: Vec::with_capacity(1 << 20),
             buf_records: 0,
             next_lsn,
-            poisoned: None,
+            poisoned: Arc::new(Mutex::new(None)),
             stats,
         };
         Ok((wal, report))
@@ -383,7 +445,7 @@ impl Wal {
     }
 
     fn check_poisoned(&self) -> Result<()> {
-        match &self.poisoned {
+        match &*self.poisoned.lock().unwrap() {
             Some(why) => Err(Error::Poisoned(why.clone())),
             None => Ok(()),
         }
@@ -391,8 +453,9 @@ impl Wal {
 
     /// Records an I/O failure: from now on the WAL refuses everything.
     fn poison(&mut self, err: Error) -> Error {
-        if self.poisoned.is_none() {
-            self.poisoned = Some(err.to_string());
+        let mut p = self.poisoned.lock().unwrap();
+        if p.is_none() {
+            *p = Some(err.to_string());
         }
         err
     }
@@ -456,7 +519,7 @@ impl Wal {
                 bytes: SEGMENT_HEADER_BYTES,
             });
         }
-        self.active = file;
+        self.active = Arc::from(file);
         self.active_path = path;
         self.write_offset = SEGMENT_HEADER_BYTES;
         self.buf.drain(..keep_from);
@@ -473,44 +536,38 @@ impl Wal {
     /// waiter of this batch, accept nothing more, and let the restart's
     /// recovery decide from what is really on disk.
     pub fn commit(&mut self) -> Result<CommitInfo> {
+        self.write_batch()?.sync()
+    }
+
+    /// The first half of [`Wal::commit`]: writes every pending record with
+    /// one write (page cache, not durable) and returns the batch for
+    /// [`Unsynced::sync`]. The next batch may be staged and written while
+    /// this one syncs; an fdatasync covers everything written before it, so
+    /// syncing batches in order acknowledges nothing early. On a write error
+    /// the WAL is poisoned.
+    pub fn write_batch(&mut self) -> Result<Unsynced> {
         self.check_poisoned()?;
-        if self.buf_records == 0 {
-            return Ok(CommitInfo {
-                records: 0,
-                bytes: 0,
-                durable_lsn_end: self.next_lsn,
-                sync_nanos: 0,
-            });
-        }
         let bytes = self.buf.len() as u64;
-        if let Err(e) = self.active.write_all_at(&self.buf, self.write_offset) {
-            return Err(self.poison(Error::io("write", &self.active_path)(e)));
+        if self.buf_records > 0 {
+            if let Err(e) = self.active.write_all_at(&self.buf, self.write_offset) {
+                return Err(self.poison(Error::io("write", &self.active_path)(e)));
+            }
+            crate::crash_point!("wal::commit::after_write");
+            self.write_offset += bytes;
+            if let Some(last) = self.segments.list.lock().unwrap().last_mut() {
+                last.bytes = self.write_offset;
+            }
         }
-        crate::crash_point!("wal::commit::after_write");
-        let t = std::time::Instant::now();
-        if let Err(e) = self.active.sync_data() {
-            return Err(self.poison(Error::io("fdatasync", &self.active_path)(e)));
-        }
-        let sync_nanos = t.elapsed().as_nanos() as u64;
-        self.stats.fsync_nanos.fetch_add(sync_nanos, Ordering::Relaxed);
-        self.write_offset += bytes;
-        let records = self.buf_records;
+        let records = std::mem::take(&mut self.buf_records);
         self.buf.clear();
-        self.buf_records = 0;
-        if let Some(last) = self.segments.list.lock().unwrap().last_mut() {
-            last.bytes = self.write_offset;
-        }
-        let s = &self.stats;
-        s.commits.fetch_add(1, Ordering::Relaxed);
-        s.records.fetch_add(records, Ordering::Relaxed);
-        s.bytes.fetch_add(bytes, Ordering::Relaxed);
-        let bucket = (63 - records.leading_zeros() as usize).min(s.batch_log2_histogram.len() - 1);
-        s.batch_log2_histogram[bucket].fetch_add(1, Ordering::Relaxed);
-        Ok(CommitInfo {
+        Ok(Unsynced {
+            file: self.active.clone(),
+            path: self.active_path.clone(),
             records,
             bytes,
             durable_lsn_end: self.next_lsn,
-            sync_nanos,
+            poisoned: self.poisoned.clone(),
+            stats: self.stats.clone(),
         })
     }
 }

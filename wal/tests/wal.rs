@@ -835,14 +835,27 @@ fn remove_before_never_removes_the_active_segment() {
 // Failures: fsync, record size, leftovers
 // ---------------------------------------------------------------------------
 
-/// RealFs whose files fail `sync_data` with EIO while `fail` is set.
+/// RealFs whose files fail `sync_data` with EIO if `fail` is set when the
+/// call starts; the call takes `sync_delay_ms` (so a test can act while an
+/// fdatasync is in flight).
 struct FlakyFs {
     fail: Arc<AtomicBool>,
+    sync_delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl FlakyFs {
+    fn new(fail: Arc<AtomicBool>) -> FlakyFs {
+        FlakyFs {
+            fail,
+            sync_delay_ms: Default::default(),
+        }
+    }
 }
 
 struct FlakyFile {
     inner: Box<dyn FsFile>,
     fail: Arc<AtomicBool>,
+    sync_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FsFile for FlakyFile {
@@ -853,7 +866,12 @@ impl FsFile for FlakyFile {
         self.inner.write_all_at(buf, offset)
     }
     fn sync_data(&self) -> io::Result<()> {
-        if self.fail.load(Ordering::SeqCst) {
+        let failing = self.fail.load(Ordering::SeqCst); // as the call starts
+        let delay = self.sync_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
+        if failing {
             return Err(io::Error::from_raw_os_error(5)); // EIO
         }
         self.inner.sync_data()
@@ -871,6 +889,7 @@ impl Fs for FlakyFs {
         Ok(Box::new(FlakyFile {
             inner: RealFs.open(path, mode)?,
             fail: self.fail.clone(),
+            sync_delay_ms: self.sync_delay_ms.clone(),
         }))
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
@@ -907,7 +926,7 @@ fn an_fsync_failure_poisons_the_wal_until_reopen() {
     let fail = Arc::new(AtomicBool::new(false));
     let t = TempDir::new().unwrap();
     let opts = one_segment();
-    let (mut wal, _) = Wal::open(Arc::new(FlakyFs { fail: fail.clone() }), t.path(), opts).unwrap();
+    let (mut wal, _) = Wal::open(Arc::new(FlakyFs::new(fail.clone())), t.path(), opts).unwrap();
     let committed = small_payloads(6);
     for batch in committed.chunks(2) {
         for p in batch {
@@ -954,7 +973,7 @@ fn an_fsync_failure_while_rolling_poisons_the_wal() {
     let fail = Arc::new(AtomicBool::new(false));
     let t = TempDir::new().unwrap();
     let opts = options(4096, 1000);
-    let (mut wal, _) = Wal::open(Arc::new(FlakyFs { fail: fail.clone() }), t.path(), opts).unwrap();
+    let (mut wal, _) = Wal::open(Arc::new(FlakyFs::new(fail.clone())), t.path(), opts).unwrap();
     let mut committed = Vec::new();
     for i in 0..12 {
         let p = payload(i, 900);
@@ -1195,7 +1214,7 @@ fn group_commit_settles_queued_requests_on_shutdown_and_then_refuses() {
 fn group_commit_fails_every_request_of_a_batch_whose_fsync_fails() {
     let fail = Arc::new(AtomicBool::new(false));
     let t = TempDir::new().unwrap();
-    let (wal, _) = Wal::open(Arc::new(FlakyFs { fail: fail.clone() }), t.path(), one_segment()).unwrap();
+    let (wal, _) = Wal::open(Arc::new(FlakyFs::new(fail.clone())), t.path(), one_segment()).unwrap();
     let (tx, rx) = mpsc::channel();
     let gc = GroupCommit::start(wal, EchoStage { settled: tx }, 64);
     let sub = gc.submitter();
@@ -1215,6 +1234,47 @@ fn group_commit_fails_every_request_of_a_batch_whose_fsync_fails() {
         "a poisoned WAL must refuse"
     );
     drop(gc.shutdown());
+}
+
+#[test]
+fn a_batch_written_while_an_earlier_fsync_fails_is_never_acknowledged() {
+    // Pipelined group commit: batch 2 is staged and written while batch 1's
+    // fdatasync is in flight. Batch 1's fsync fails; batch 2's own fsync
+    // would succeed (the disk "recovers"), but it proves nothing about the
+    // pages batch 1 lost, so batch 2 must fail too, and settle after 1.
+    let fail = Arc::new(AtomicBool::new(false));
+    let t = TempDir::new().unwrap();
+    let fs = FlakyFs::new(fail.clone());
+    let delay = fs.sync_delay_ms.clone();
+    let (wal, _) = Wal::open(Arc::new(fs), t.path(), one_segment()).unwrap();
+    let stats = wal.stats();
+    let (tx, rx) = mpsc::channel();
+    let gc = GroupCommit::start(wal, EchoStage { settled: tx }, 64);
+    let sub = gc.submitter();
+    sub.submit((0, request_payload(0))).unwrap();
+    assert_eq!(rx.recv().unwrap(), (0, Ok(1)));
+    delay.store(400, Ordering::SeqCst);
+    fail.store(true, Ordering::SeqCst);
+    sub.submit((1, request_payload(1))).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    sub.submit((2, request_payload(2))).unwrap(); // staged and written during 1's fsync
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(rx.try_recv().is_err(), "nothing settles before its fsync returns");
+    fail.store(false, Ordering::SeqCst);
+    let (id, r) = rx.recv().unwrap();
+    assert_eq!(id, 1);
+    assert!(r.unwrap_err().contains("fdatasync"));
+    let (id, r) = rx.recv().unwrap();
+    assert_eq!(id, 2);
+    assert!(r.unwrap_err().contains("refusing appends"), "batch 2 must fail");
+    delay.store(0, Ordering::SeqCst);
+    let (wal, _) = gc.shutdown();
+    assert_eq!(
+        wal.next_lsn(),
+        4,
+        "batch 2 was staged (LSN 3) before the failure was known"
+    );
+    assert_eq!(stats.commits.load(Ordering::Relaxed), 1);
 }
 
 // ---------------------------------------------------------------------------
