@@ -255,6 +255,12 @@ impl SessionFile {
         self.pending.len()
     }
 
+    /// The file's size once the pending lines are written (what rotation
+    /// by size and "is the file empty" look at).
+    pub fn size(&self) -> u64 {
+        self.offset + self.pending.len() as u64
+    }
+
     /// Writes the pending lines to the file (page cache; not yet durable).
     pub fn write_pending(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {

@@ -521,6 +521,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         events_added: events_added.clone(),
         stats: dispatch_stats.clone(),
         budget: budget.clone(),
+        checkpoints: crate::meta::CheckpointBatcher::start(meta.clone()),
     };
     let pool_stop = CancellationToken::new();
     let pool = tokio::spawn(run_compression_pool(

@@ -76,6 +76,8 @@ pub struct WriterConfig {
     pub stats: Arc<DispatchStats>,
     /// The admission budget, returned by writers once a batch is written.
     pub budget: Arc<Semaphore>,
+    /// Where writers put their checkpoints (batched into `meta`).
+    pub checkpoints: crate::meta::CheckpointBatcher,
 }
 
 /// Live counters of the dispatcher, writers and compression pool.
@@ -440,6 +442,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking task panicked")
 }
 
+/// A writer writes its rendered lines once this many bytes are pending, and
+/// at every flush tick (before the fdatasync), rotation and stop. One write
+/// per batch cost a syscall per frame with many sessions (each commit gives
+/// a session a frame or two); acked frames are durable in the WAL meanwhile,
+/// and readers of a live `.logtmp` see them at most one flush interval late.
+pub const PENDING_WRITE_BYTES: usize = 32 << 10;
+
 /// A session writer's state between messages.
 struct Writer {
     cfg: WriterConfig,
@@ -501,6 +510,26 @@ impl Writer {
         for (lsn, frame) in &batch {
             sf.append(*lsn, frame);
         }
+        self.dirty = true;
+        if sf.pending_bytes() >= PENDING_WRITE_BYTES {
+            self.write_pending();
+        }
+        if self
+            .file
+            .as_ref()
+            .is_some_and(|sf| sf.size() >= self.cfg.limits.file_bytes_max)
+        {
+            self.rotate(RotateReason::Size).await.ok();
+        }
+    }
+
+    /// Writes the rendered lines to the file (page cache); on error the
+    /// session stops (its frames stay in the WAL until restart).
+    fn write_pending(&mut self) {
+        let Some(sf) = self.file.as_mut() else { return };
+        if self.failed || sf.pending_bytes() == 0 {
+            return;
+        }
         if let Err(e) = sf.write_pending() {
             error!(
                 session = self.session,
@@ -510,16 +539,13 @@ impl Writer {
             self.failed = true;
         }
         wal::crash_point!("writer::after_write");
-        self.dirty = true;
-        if sf.offset() >= self.cfg.limits.file_bytes_max {
-            self.rotate(RotateReason::Size).await.ok();
-        }
     }
 
     /// fdatasync + checkpoint; false if it failed (the writer then stops:
     /// after an fdatasync error nothing about the file is known, so it is
     /// never retried; the WAL keeps the frames for the next start).
     async fn sync(&mut self) -> bool {
+        self.write_pending();
         if self.failed {
             return false;
         }
@@ -543,7 +569,7 @@ impl Writer {
             }
         };
         wal::crash_point!("writer::after_fsync");
-        if let Err(e) = self.cfg.meta.put_checkpoint(&self.session, &ckpt) {
+        if let Err(e) = self.cfg.checkpoints.put(&self.session, &ckpt).await {
             error!(session = self.session, "checkpoint write failed: {e}");
             self.failed = true;
             return false;
@@ -628,7 +654,7 @@ impl Writer {
     fn too_old(&self) -> bool {
         let Some(sf) = &self.file else { return false };
         let age_ms = now_ms().saturating_sub(sf.checkpoint().opened_at_ms);
-        sf.offset() > 0 && age_ms >= self.cfg.limits.file_age_max.as_millis() as u64
+        sf.size() > 0 && age_ms >= self.cfg.limits.file_age_max.as_millis() as u64
     }
 }
 
@@ -687,7 +713,7 @@ async fn run_writer(
                     w.rotate(RotateReason::Age).await.ok();
                 }
                 if w.last_frame_at.elapsed() >= idle_timeout && rx.is_empty() {
-                    if !w.failed && w.file.as_ref().is_some_and(|f| f.offset() > 0) {
+                    if !w.failed && w.file.as_ref().is_some_and(|f| f.size() > 0) {
                         w.rotate(RotateReason::Idle).await.ok();
                     }
                     // A failed writer keeps its session until restart: the
@@ -712,7 +738,7 @@ async fn run_writer(
                     }
                     // What came in meanwhile is in a new file: rotate it
                     // too, or it would stay live until the session returns.
-                    if !w.failed && w.file.as_ref().is_some_and(|f| f.offset() > 0) {
+                    if !w.failed && w.file.as_ref().is_some_and(|f| f.size() > 0) {
                         w.rotate(RotateReason::Idle).await.ok();
                     }
                     if w.dirty {

@@ -70,7 +70,7 @@ use logd::materialize::{LOGTMP_SUFFIX, Replayer, SessionFile, render_line};
 use logd::meta::{Checkpoint, CompressJob, MetaStore, SimMeta};
 use logd::pb::LogFrame;
 use logd::rotate::{Lifecycle, parse_rotated_name, rotate_synced, run_compression};
-use logd::writer::CheckpointTracker;
+use logd::writer::{CheckpointTracker, PENDING_WRITE_BYTES};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use wal::fs::Fs;
 use wal::sim::{SimFs, SplitMix64};
@@ -224,13 +224,15 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(session: &str) -> Writer {
+    /// A new writer; it starts failed if an earlier writer of the session
+    /// failed (`writer_for`'s `start_failed`).
+    fn new(session: &str, failed_sessions: &BTreeSet<String>) -> Writer {
         Writer {
             session: session.to_owned(),
             queue: VecDeque::new(),
             file: None,
             dirty: false,
-            failed: false,
+            failed: failed_sessions.contains(session),
             closing: false,
         }
     }
@@ -263,6 +265,9 @@ struct Live {
     /// Writers that stopped taking frames (idle) and still write what was
     /// queued to them; the session's next writer waits for them.
     draining: Vec<Writer>,
+    /// Sessions whose writer failed: later writers start failed (the
+    /// dispatcher's `failed_sessions`, and a successor's `predecessor` check).
+    failed_sessions: BTreeSet<String>,
     out: Outbox,
     /// A commit failed: nothing may be acked any more.
     poisoned: bool,
@@ -485,6 +490,7 @@ impl World {
             budget,
             writers: BTreeMap::new(),
             draining: Vec::new(),
+            failed_sessions: BTreeSet::new(),
             out: Outbox::default(),
             poisoned: false,
             expect_last,
@@ -1025,7 +1031,7 @@ impl World {
             live.tracker.routed(&session, first, last);
             live.writers
                 .entry(session.clone())
-                .or_insert_with(|| Writer::new(&session))
+                .or_insert_with(|| Writer::new(&session, &live.failed_sessions))
                 .queue
                 .push_back(batch);
         }
@@ -1091,20 +1097,33 @@ impl World {
                 sf.last_seq()
             );
         }
-        let written = sf.write_pending();
-        note!(self, "{session}: append {} frames, write {written:?}", batch.len());
-        if written.is_err() {
-            w.failed = true;
-        }
+        note!(self, "{session}: append {} frames", batch.len());
         w.dirty = true;
-        if sf.offset() >= self.file_bytes_max {
+        if sf.pending_bytes() >= PENDING_WRITE_BYTES {
+            self.write_pending(w);
+        }
+        if w.file.as_ref().is_some_and(|sf| sf.size() >= self.file_bytes_max) {
             self.rotate(w, RotateReason::Size, out)?;
         }
         Ok(())
     }
 
+    /// `Writer::write_pending`.
+    fn write_pending(&mut self, w: &mut Writer) {
+        let Some(sf) = w.file.as_mut() else { return };
+        if w.failed || sf.pending_bytes() == 0 {
+            return;
+        }
+        let written = sf.write_pending();
+        note!(self, "{}: write {written:?}", w.session);
+        if written.is_err() {
+            w.failed = true;
+        }
+    }
+
     /// fdatasync, checkpoint, report (`Writer::sync`); false if it failed.
     fn sync(&mut self, w: &mut Writer, out: &mut Outbox) -> Result<bool, String> {
+        self.write_pending(w);
         if w.failed {
             return Ok(false);
         }
@@ -1172,7 +1191,7 @@ impl World {
         let w = live
             .writers
             .entry(session.to_owned())
-            .or_insert_with(|| Writer::new(session));
+            .or_insert_with(|| Writer::new(session, &live.failed_sessions));
         if w.closing {
             return Ok(()); // simplified: the request would be taken while draining
         }
@@ -1192,7 +1211,7 @@ impl World {
         if w.closing || !w.queue.is_empty() {
             return Ok(());
         }
-        if !w.failed && w.file.as_ref().is_some_and(|f| f.offset() > 0) {
+        if !w.failed && w.file.as_ref().is_some_and(|f| f.size() > 0) {
             self.rotate(w, RotateReason::Idle, &mut live.out)?;
         }
         if w.failed {
@@ -1242,14 +1261,22 @@ impl World {
         if let Some(batch) = w.queue.pop_front() {
             return self.frames(w, batch, &mut live.out);
         }
-        if !w.failed && w.file.as_ref().is_some_and(|f| f.offset() > 0) {
+        if !w.failed && w.file.as_ref().is_some_and(|f| f.size() > 0) {
             self.rotate(w, RotateReason::Idle, &mut live.out)?;
         }
         if w.dirty {
             self.sync(w, &mut live.out)?;
         }
         let w = live.draining.remove(i);
-        note!(self, "{}: writer stopped", w.session);
+        note!(self, "{}: writer stopped (failed: {})", w.session, w.failed);
+        if w.failed {
+            // run_writer: the successor, waiting for this writer, starts
+            // failed; so does every later one (Report::Stopped { failed }).
+            live.failed_sessions.insert(w.session.clone());
+            if let Some(next) = live.writers.get_mut(&w.session) {
+                next.failed = true;
+            }
+        }
         live.out.reports.push_back(Report::Stopped { session: w.session });
         Ok(())
     }
