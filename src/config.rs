@@ -129,9 +129,11 @@ pub struct ServeArgs {
     /// gRPC max decoding message size; must exceed LOG_MAX_FRAME_BYTES.
     #[arg(long, env = "LOGD_MAX_MESSAGE_BYTES", default_value_t = (4 << 20) + (64 << 10))]
     pub max_message_bytes: usize,
-    /// Bytes of frames admitted but not yet handed to session writers;
-    /// streams wait for room beyond it.
-    #[arg(long, env = "LOGD_INFLIGHT_BYTES_MAX", default_value_t = 256 << 20)]
+    /// Bytes of frames admitted but not yet written by session writers
+    /// (encoded size; about twice that in memory); streams wait for room
+    /// beyond it. It bounds how far materialization may lag acks: 64 MiB is
+    /// ~200,000 256-byte frames, over a second at full rate.
+    #[arg(long, env = "LOGD_INFLIGHT_BYTES_MAX", default_value_t = 64 << 20)]
     pub inflight_bytes_max: usize,
     /// Log format of the service's own logs.
     #[arg(long, env = "LOGD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

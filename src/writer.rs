@@ -438,7 +438,17 @@ fn route(
     tracker.routed_through(last_lsn);
 }
 
+/// Session writers' blocking file operations (open, fdatasync, rotate)
+/// running at once, at most. Without a bound, 1,000 sessions syncing every
+/// flush interval grew tokio's blocking pool to ~400 threads: ~80 MiB of
+/// stacks and allocator caches, and a wakeup storm (10% of CPU). Writers
+/// beyond it wait their turn; each operation is short.
+const WRITER_BLOCKING_OPS_MAX: usize = 16;
+
+static WRITER_BLOCKING_OPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(WRITER_BLOCKING_OPS_MAX);
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let _turn = WRITER_BLOCKING_OPS.acquire().await.expect("never closed");
     tokio::task::spawn_blocking(f).await.expect("blocking task panicked")
 }
 
