@@ -202,8 +202,32 @@ pub struct Wal {
     buf: Vec<u8>,
     buf_records: u64,
     next_lsn: u64,
-    poisoned: Arc<Mutex<Option<String>>>,
+    poisoned: Poison,
     stats: Arc<WalStats>,
+}
+
+/// The WAL's poisoned state, shared by the WAL and its unsynced batches: the
+/// first I/O failure is kept, and everything after it is refused.
+#[derive(Clone, Default)]
+struct Poison(Arc<Mutex<Option<String>>>);
+
+impl Poison {
+    /// `Err(Poisoned)` once a failure was recorded.
+    fn check(&self) -> Result<()> {
+        match &*self.0.lock().unwrap() {
+            Some(why) => Err(Error::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Records `err` (the first one stays) and returns it.
+    fn set(&self, err: Error) -> Error {
+        let mut p = self.0.lock().unwrap();
+        if p.is_none() {
+            *p = Some(err.to_string());
+        }
+        err
+    }
 }
 
 /// Records written to the active segment by [`Wal::write_batch`] but not yet
@@ -216,24 +240,17 @@ pub struct Unsynced {
     records: u64,
     bytes: u64,
     durable_lsn_end: u64,
-    poisoned: Arc<Mutex<Option<String>>>,
+    poisoned: Poison,
     stats: Arc<WalStats>,
 }
 
 impl Unsynced {
-    /// Records this batch holds.
-    pub fn records(&self) -> u64 {
-        self.records
-    }
-
     /// fdatasyncs the segment the batch was written to. On error the WAL is
     /// poisoned (see [`Wal::commit`] for why there is no retry), and so is
     /// every later batch: once one fdatasync failed, a later one returning Ok
     /// proves nothing about the pages the failed one lost.
     pub fn sync(self) -> Result<CommitInfo> {
-        if let Some(why) = self.poisoned.lock().unwrap().clone() {
-            return Err(Error::Poisoned(why));
-        }
+        self.poisoned.check()?;
         if self.records == 0 {
             return Ok(CommitInfo {
                 records: 0,
@@ -244,12 +261,7 @@ impl Unsynced {
         }
         let t = std::time::Instant::now();
         if let Err(e) = self.file.sync_data() {
-            let err = Error::io("fdatasync", &self.path)(e);
-            let mut p = self.poisoned.lock().unwrap();
-            if p.is_none() {
-                *p = Some(err.to_string());
-            }
-            return Err(err);
+            return Err(self.poisoned.set(Error::io("fdatasync", &self.path)(e)));
         }
         let sync_nanos = t.elapsed().as_nanos() as u64;
         let s = &self.stats;
@@ -413,7 +425,7 @@ impl Wal {
             buf: Vec::with_capacity(1 << 20),
             buf_records: 0,
             next_lsn,
-            poisoned: Arc::new(Mutex::new(None)),
+            poisoned: Poison::default(),
             stats,
         };
         Ok((wal, report))
@@ -445,19 +457,12 @@ impl Wal {
     }
 
     fn check_poisoned(&self) -> Result<()> {
-        match &*self.poisoned.lock().unwrap() {
-            Some(why) => Err(Error::Poisoned(why.clone())),
-            None => Ok(()),
-        }
+        self.poisoned.check()
     }
 
     /// Records an I/O failure: from now on the WAL refuses everything.
     fn poison(&mut self, err: Error) -> Error {
-        let mut p = self.poisoned.lock().unwrap();
-        if p.is_none() {
-            *p = Some(err.to_string());
-        }
-        err
+        self.poisoned.set(err)
     }
 
     /// Appends a record whose payload `encode` writes into the batch buffer.
