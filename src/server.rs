@@ -212,34 +212,43 @@ fn disk_low(dir: &Path, percent: f64, bytes: u64) -> (bool, u64) {
     (free < need, free)
 }
 
-/// Checks free space every second; sets `flag` while below the watermark.
-async fn watch_disk(
+/// Where free space is watched, and the watermark.
+struct DiskWatch {
     dirs: Vec<(&'static str, PathBuf)>,
     percent: f64,
     bytes: u64,
     flag: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
-    loop {
+}
+
+impl DiskWatch {
+    /// Checks free space once; sets `flag` while below the watermark.
+    fn check(&self) {
         let mut low = false;
-        for (name, dir) in &dirs {
-            let (l, free) = disk_low(dir, percent, bytes);
-            metrics.disk_free_bytes.with_label_values(&[name]).set(free as i64);
+        for (name, dir) in &self.dirs {
+            let (l, free) = disk_low(dir, self.percent, self.bytes);
+            self.metrics.disk_free_bytes.with_label_values(&[name]).set(free as i64);
             low |= l;
         }
-        if low != flag.swap(low, Ordering::Relaxed) {
+        if low != self.flag.swap(low, Ordering::Relaxed) {
             if low {
                 warn!("free disk space below the watermark: refusing new frames (RESOURCE_EXHAUSTED) until it returns");
             } else {
                 info!("free disk space is back above the watermark: accepting frames");
             }
         }
-        metrics.disk_low.set(low as i64);
+        self.metrics.disk_low.set(low as i64);
+    }
+}
+
+/// Checks free space every second (the caller checked once before serving).
+async fn watch_disk(watch: DiskWatch, stop: CancellationToken) {
+    loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.cancelled() => return,
         }
+        watch.check();
     }
 }
 
@@ -565,14 +574,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         meta.clone(),
     );
     let disk_low = Arc::new(AtomicBool::new(false));
-    let watcher = tokio::spawn(watch_disk(
-        vec![("wal", store.wal_dir()), ("logs", store.log_dir.clone())],
-        args.disk_free_min_percent,
-        args.disk_free_min_bytes,
-        disk_low.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    let disk_watch = DiskWatch {
+        dirs: vec![("wal", store.wal_dir()), ("logs", store.log_dir.clone())],
+        percent: args.disk_free_min_percent,
+        bytes: args.disk_free_min_bytes,
+        flag: disk_low.clone(),
+        metrics: metrics.clone(),
+    };
+    // Checked once before the first frame can arrive: the flag must not
+    // start "enough space" on a full disk while the watcher task is not yet
+    // scheduled (an e2e test raced it under load).
+    disk_watch.check();
+    let watcher = tokio::spawn(watch_disk(disk_watch, shutdown.clone()));
     let inflight = {
         let (budget, metrics, stop) = (budget.clone(), metrics.clone(), shutdown.clone());
         tokio::spawn(async move {
