@@ -56,7 +56,10 @@ impl Serialize for JsonValue<'_> {
         use prost_types::value::Kind;
         match &self.0.kind {
             None | Some(Kind::NullValue(_)) => s.serialize_unit(),
-            Some(Kind::NumberValue(n)) if n.is_finite() => s.serialize_f64(*n),
+            Some(Kind::NumberValue(n)) if n.is_finite() => match exact_integer(*n) {
+                Some(i) => s.serialize_i64(i),
+                None => s.serialize_f64(*n),
+            },
             Some(Kind::NumberValue(_)) => s.serialize_unit(),
             Some(Kind::StringValue(v)) => s.serialize_str(v),
             Some(Kind::BoolValue(b)) => s.serialize_bool(*b),
@@ -70,6 +73,15 @@ impl Serialize for JsonValue<'_> {
             }
         }
     }
+}
+
+/// `n` as an integer when it is one exactly and below 2^53 in magnitude
+/// (where every integer is representable, so no reader mistakes a rounded
+/// value for an exact one). `Struct` numbers are doubles on the wire: without
+/// this, `"line": 11` would be written as `11.0`. `-0.0` becomes `0`.
+fn exact_integer(n: f64) -> Option<i64> {
+    const TWO_53: f64 = 9_007_199_254_740_992.0;
+    (n.fract() == 0.0 && n.abs() < TWO_53).then_some(n as i64)
 }
 
 static EMPTY_STRUCT: std::sync::LazyLock<prost_types::Struct> = std::sync::LazyLock::new(Default::default);
@@ -745,6 +757,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn exact_integer_numbers_are_written_as_integers() {
+        let json = |n: f64| {
+            let v = prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(n)),
+            };
+            serde_json::to_string(&JsonValue(&v)).unwrap()
+        };
+        const TWO_53: f64 = 9_007_199_254_740_992.0;
+        assert_eq!(json(11.0), "11");
+        assert_eq!(json(-3.0), "-3");
+        assert_eq!(json(0.0), "0");
+        assert_eq!(json(-0.0), "0", "negative zero is the integer 0");
+        assert_eq!(json(TWO_53 - 1.0), "9007199254740991");
+        assert_eq!(json(-(TWO_53 - 1.0)), "-9007199254740991");
+        // From 2^53 on, not every integer is representable: float form.
+        assert_eq!(json(TWO_53), "9007199254740992.0");
+        assert_eq!(json(-TWO_53), "-9007199254740992.0");
+        assert_eq!(json(1e300), "1e+300");
+        assert_eq!(json(1.5), "1.5");
+        assert_eq!(json(-0.25), "-0.25");
+        assert_eq!(json(f64::NAN), "null", "non-finite numbers stay null");
+        assert_eq!(json(f64::INFINITY), "null");
     }
 
     #[test]

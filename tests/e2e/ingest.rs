@@ -19,6 +19,14 @@ async fn client_streaming_frames_are_acked_then_materialized_as_json_lines() {
             kind: Some(Kind::StringValue("v".into())),
         },
     );
+    for (k, n) in [("line", 11.0), ("ratio", 0.5)] {
+        md.fields.insert(
+            k.into(),
+            Value {
+                kind: Some(Kind::NumberValue(n)),
+            },
+        );
+    }
     let mut frames: Vec<LogFrame> = (0..100)
         .map(|i| frame("s-stream", 0, &format!("line {i}\nwith newline")))
         .collect();
@@ -52,7 +60,11 @@ async fn client_streaming_frames_are_acked_then_materialized_as_json_lines() {
             l.time
         );
     }
-    assert_eq!(lines[0].metadata, serde_json::json!({"k": "v"}));
+    // An integer stays an integer (serde_json tells 11 from 11.0 apart).
+    assert_eq!(
+        lines[0].metadata,
+        serde_json::json!({"k": "v", "line": 11, "ratio": 0.5})
+    );
     assert_eq!(lines[1].time, "2023-11-14T22:13:20.123456789Z");
     assert_eq!(lines[2].metadata, serde_json::json!({}));
 }
