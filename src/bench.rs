@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::{BenchArgs, BenchRpc};
 use crate::pb::admin_service_client::AdminServiceClient;
@@ -62,7 +62,7 @@ pub struct BenchReport {
 }
 
 async fn connect(target: &str) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(target.to_owned())?
+    crate::target::endpoint(target)?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))

@@ -1,5 +1,6 @@
 //! Subcommands other than the service itself: `recover`, `wal inspect`,
-//! `wal verify`, `bench`. Output for humans by default, `--json` for scripts.
+//! `wal verify`, `bench`, `send`, `status`, `rotate`. Output for humans by
+//! default, `--json` for scripts.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -27,6 +28,24 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
             })
     });
     if integrity { 2 } else { 1 }
+}
+
+/// An error as one line: each cause after the error, `: `-separated, except
+/// a cause whose text the line already ends with (an error that prints its
+/// own source, as hyper's and tonic's sometimes do, would show it twice).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Runs one subcommand.
@@ -71,14 +90,14 @@ fn bearer(token: &Option<String>) -> anyhow::Result<BearerToken> {
     Ok(BearerToken(v))
 }
 
+/// A connection to `target` (see [`logd::target`]); an `https://` server is
+/// verified against `tls_ca` when given, else the system's roots.
 async fn channel(target: &str, tls_ca: Option<&Path>) -> anyhow::Result<tonic::transport::Channel> {
-    let mut ep = tonic::transport::Endpoint::from_shared(target.to_owned())?;
-    if let Some(ca) = tls_ca {
-        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        ep = ep.tls_config(
-            tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-        )?;
-    }
+    let pem = match tls_ca {
+        Some(ca) => Some(std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?),
+        None => None,
+    };
+    let ep = logd::target::endpoint_with_ca(target, pem.as_deref())?;
     ep.connect().await.with_context(|| format!("connecting to {target}"))
 }
 
@@ -216,9 +235,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
-    let mut client = logd::pb::admin_service_client::AdminServiceClient::connect(args.target.clone())
-        .await
-        .with_context(|| format!("connecting to {}", args.target))?;
+    let mut client = logd::pb::admin_service_client::AdminServiceClient::new(channel(&args.target, None).await?);
     let req = logd::pb::RotateRequest {
         session_id: args.session.clone().unwrap_or_default(),
         all: args.all,
@@ -503,4 +520,44 @@ fn wal_command(command: WalCommand) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Repeats(&'static str, Option<Box<Repeats>>);
+
+    impl std::fmt::Display for Repeats {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Repeats {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let leaf = Repeats("scheme is missing", None);
+        let same = Repeats("scheme is missing", Some(Box::new(leaf)));
+        let e = anyhow::Error::new(same).context("connecting to x");
+        assert_eq!(
+            format!("{e:#}"),
+            "connecting to x: scheme is missing: scheme is missing"
+        );
+        assert_eq!(error_line(&e), "connecting to x: scheme is missing");
+
+        let inner = Repeats("refused", None);
+        let wraps = Repeats("connect failed: refused", Some(Box::new(inner)));
+        let e = anyhow::Error::new(wraps).context("connecting to y");
+        assert_eq!(error_line(&e), "connecting to y: connect failed: refused");
+
+        let e = anyhow::anyhow!("plain");
+        assert_eq!(error_line(&e), "plain");
+    }
 }

@@ -250,7 +250,8 @@ pub enum Compression {
 /// Arguments of `logd rotate`.
 #[derive(Debug, Clone, Args)]
 pub struct RotateArgs {
-    /// Server to ask.
+    /// Server to ask: `host:port` or `http://host:port` (plaintext), or
+    /// `https://host:port` (TLS, verified with the system's root certificates).
     #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
     pub target: String,
     /// The session to rotate.
@@ -344,7 +345,8 @@ pub enum BenchRpc {
 /// Arguments of `logd bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Server to drive.
+    /// Server to drive: `host:port` or `http://host:port` (plaintext), or
+    /// `https://host:port` (TLS, verified with the system's root certificates).
     #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
     pub target: String,
     /// Concurrent gRPC streams (each on its own connection).
@@ -381,7 +383,8 @@ pub struct BenchArgs {
 /// Arguments of `logd send`.
 #[derive(Debug, Clone, Args)]
 pub struct SendArgs {
-    /// Server to send to.
+    /// Server to send to: `host:port` or `http://host:port` (plaintext), or
+    /// `https://host:port` (TLS, verified with the system's root certificates or --tls-ca).
     #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
     pub target: String,
     /// Session the lines go to.
@@ -399,7 +402,8 @@ pub struct SendArgs {
     /// Bearer token (or set LOGD_AUTH_TOKEN).
     #[arg(long, env = "LOGD_AUTH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// CA certificate (PEM) to verify a TLS server with (https:// targets).
+    /// CA certificate (PEM) to verify the server with instead of the system's
+    /// roots (needs an https:// target).
     #[arg(long, env = "LOGD_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 }
@@ -407,7 +411,8 @@ pub struct SendArgs {
 /// Arguments of `logd status`.
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
-    /// Server to ask.
+    /// Server to ask: `host:port` or `http://host:port` (plaintext), or
+    /// `https://host:port` (TLS, verified with the system's root certificates).
     #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
     pub target: String,
     /// Bearer token (or set LOGD_AUTH_TOKEN).

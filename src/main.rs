@@ -57,7 +57,7 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("logd: error: {e:#}");
+            eprintln!("logd: error: {}", cli::error_line(&e));
             ExitCode::from(cli::exit_code(&e))
         }
     }

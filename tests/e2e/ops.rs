@@ -607,6 +607,42 @@ async fn tls_server_refuses_plaintext_clients_and_serves_clients_that_trust_its_
         String::from_utf8_lossy(&out.stdout).contains("2 line(s) acked as seq 1..=2 of session tls-cli"),
         "{out:?}"
     );
+    // Without --tls-ca an https:// target is verified against the system's
+    // roots, which do not hold the test CA: refused, in one line.
+    let port = hp.rsplit_once(':').unwrap().1;
+    let https = format!("https://localhost:{port}");
+    for args in [
+        &["send", "--target", &https, "--session", "tls-system-roots"][..],
+        &["status", "--target", &https][..],
+    ] {
+        let out = run_logd(args, &td.log_dir(), &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!("tls: logd {} without --tls-ca: {stderr}", args[0]);
+        assert_eq!(out.status.code(), Some(1), "logd {args:?}: {out:?}");
+        assert!(
+            stderr.contains("certificate") || stderr.contains("no native certs"),
+            "logd {args:?} should fail verifying the server:\n{stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    // A CA with a plaintext target is refused rather than ignored.
+    let out = send_cli(
+        &td.log_dir(),
+        &[
+            "--target",
+            &hp,
+            "--session",
+            "tls-cli",
+            "--tls-ca",
+            pki.ca_path.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--tls-ca needs an https:// target"),
+        "{out:?}"
+    );
     stop(&mut server).await;
     let sessions = read_sessions(&td.log_dir());
     assert_eq!(sessions["tls-ok"].len(), 1);
@@ -1439,4 +1475,68 @@ async fn logd_status_prints_the_counters_of_a_running_server() {
     assert!(v["wal_commits"].as_u64().unwrap() > 0);
     assert!(v["open_fds"].as_u64().unwrap() > 0);
     stop(&mut server).await;
+}
+
+#[tokio::test]
+async fn every_client_subcommand_takes_host_port_or_a_url_and_names_a_bad_target_once() {
+    let td = TestDir::new();
+    let mut server = Server::start(&td.log_dir(), &[]);
+    let hp = host_port(&server);
+    for target in [hp.clone(), format!("http://{hp}")] {
+        let out = send_cli(&td.log_dir(), &["--target", &target, "--session", "tgt"], "one\n");
+        assert!(out.status.success(), "logd send --target {target}: {out:?}");
+        let out = run_logd(&["status", "--target", &target], &td.log_dir(), &[]);
+        assert!(out.status.success(), "logd status --target {target}: {out:?}");
+        let out = run_logd(&["rotate", "--target", &target, "--all"], &td.log_dir(), &[]);
+        assert!(out.status.success(), "logd rotate --target {target}: {out:?}");
+        let out = run_logd(
+            &[
+                "bench",
+                "--target",
+                &target,
+                "--duration",
+                "0.2",
+                "--streams",
+                "1",
+                "--sessions",
+                "1",
+                "--json",
+            ],
+            &td.log_dir(),
+            &[],
+        );
+        assert!(out.status.success(), "logd bench --target {target}: {out:?}");
+    }
+    for bad in [
+        "foo bar",
+        "",
+        "ftp://127.0.0.1:1",
+        "127.0.0.1",
+        "http://",
+        "127.0.0.1:99999",
+    ] {
+        let expected = format!("invalid target {bad:?}: expected host:port, http://host:port or https://host:port");
+        for sub in [
+            &["send", "--session", "tgt"][..],
+            &["status"][..],
+            &["rotate", "--all"][..],
+            &["bench", "--duration", "0.2"][..],
+        ] {
+            let mut args = sub.to_vec();
+            args.extend(["--target", bad]);
+            let out = run_logd(&args, &td.log_dir(), &[]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "logd {args:?}: {out:?}");
+            assert_eq!(
+                stderr.matches(&expected).count(),
+                1,
+                "logd {args:?} should name the bad target once:\n{stderr}"
+            );
+            assert_eq!(stderr.lines().count(), 1, "logd {args:?}: one line of error:\n{stderr}");
+        }
+    }
+    stop(&mut server).await;
+    let sessions = read_sessions(&td.log_dir());
+    let sent: Vec<&str> = sessions["tgt"].iter().map(|l| l.content.as_str()).collect();
+    assert_eq!(sent, ["one", "one"]);
 }
