@@ -126,7 +126,8 @@ pub struct ServeArgs {
     /// How often session files are fdatasynced and checkpointed.
     #[arg(long, env = "LOG_FLUSH_INTERVAL_MS", default_value_t = 200)]
     pub flush_interval_ms: u64,
-    /// gRPC max decoding message size; must exceed LOG_MAX_FRAME_BYTES.
+    /// gRPC max decoding message size; must exceed LOG_MAX_FRAME_BYTES. A
+    /// larger message is refused with OUT_OF_RANGE (on every RPC).
     #[arg(long, env = "LOGD_MAX_MESSAGE_BYTES", default_value_t = (4 << 20) + (64 << 10))]
     pub max_message_bytes: usize,
     /// Bytes of frames admitted but not yet written by session writers

@@ -331,6 +331,27 @@ fn ready_frame(stream: &mut Streaming<LogFrame>) -> Option<Option<Result<LogFram
     stream.next().now_or_never()
 }
 
+/// Pushes `first`, then every frame already readable, until the chunk is
+/// full. Ok(true) if the stream ended. An Err is the stream's failure (a
+/// message over LOGD_MAX_MESSAGE_BYTES is OUT_OF_RANGE; a broken
+/// connection): the frames read before it stay in the chunk being built, so
+/// the caller settles them before failing.
+fn push_ready(
+    ingest: &mut StreamIngest,
+    stream: &mut Streaming<LogFrame>,
+    first: Result<LogFrame, Status>,
+) -> Result<bool, Status> {
+    ingest.push(first?);
+    while !ingest.chunk_full() {
+        match ready_frame(stream) {
+            Some(Some(f)) => ingest.push(f?),
+            Some(None) => return Ok(true),
+            None => break,
+        }
+    }
+    Ok(false)
+}
+
 /// The LogService implementation.
 pub struct LogSvc {
     /// Shared state, once recovery is done.
@@ -389,11 +410,17 @@ impl LogService for LogSvc {
                 }
             };
             let Some(first) = first else { break };
-            ingest.push(first?);
-            while !ingest.chunk_full() {
-                match ready_frame(&mut stream) {
-                    Some(Some(f)) => ingest.push(f?),
-                    _ => break,
+            match push_ready(&mut ingest, &mut stream, first) {
+                Ok(false) => {}
+                Ok(true) => break,
+                // What was read before the failure is made durable and
+                // counted in the failure's message, like a refusal.
+                Err(failed) => {
+                    let failed = match ingest.submit().await {
+                        Ok(()) => failed,
+                        Err(refused) => refused,
+                    };
+                    return Err(settle_then(&mut ingest, &mut tally, failed).await);
                 }
             }
             if let Err(refused) = ingest.submit().await {
@@ -515,15 +542,16 @@ async fn bidi_loop(
                         submit_or_settle(&mut ingest, &mut total, tx).await?;
                     }
                     Some(f) => {
-                        ingest.push(f?);
-                        while !ingest.chunk_full() {
-                            match ready_frame(stream) {
-                                Some(Some(f)) => ingest.push(f?),
-                                Some(None) => { input_open = false; break; }
-                                None => break,
-                            }
-                        }
+                        let read = push_ready(&mut ingest, stream, f);
+                        input_open = matches!(read, Ok(false));
                         submit_or_settle(&mut ingest, &mut total, tx).await?;
+                        // Acks always precede the error, also for a failed read.
+                        if let Err(failed) = read {
+                            while !ingest.pending.is_empty() {
+                                ack_one(&mut ingest, &mut total, tx).await?;
+                            }
+                            return Err(failed);
+                        }
                     }
                 }
             }

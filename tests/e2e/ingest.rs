@@ -243,23 +243,106 @@ async fn every_rejection_rule_has_its_reason_and_valid_neighbours_are_kept() {
     assert_eq!(lines.last().unwrap().content, "last");
 }
 
+/// Content for a frame of `session` such that `len(frame)` is exactly `bytes`.
+fn content_for(session: &str, bytes: usize, len: impl Fn(&LogFrame) -> usize) -> String {
+    let mut content = "z".repeat(bytes - 64);
+    while len(&frame(session, 0, &content)) < bytes {
+        content.push('z');
+    }
+    assert_eq!(
+        len(&frame(session, 0, &content)),
+        bytes,
+        "no content gives {bytes} bytes"
+    );
+    content
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_over_the_grpc_limit_is_refused_without_harming_the_server() {
+async fn a_message_over_the_grpc_limit_is_out_of_range_on_every_rpc_after_what_came_before_it_is_settled() {
+    use prost::Message;
+    const LIMIT: usize = 65536;
     let td = TestDir::new();
     let mut server = Server::start(
         &td.log_dir(),
         &[("LOG_MAX_FRAME_BYTES", "1024"), ("LOGD_MAX_MESSAGE_BYTES", "65536")],
     );
     let mut client = server.client().await;
-    let huge = vec![frame("m", 0, &"z".repeat(100_000))];
-    let err = client.write_log_batch(LogBatch { frames: huge }).await.unwrap_err();
+    let batch_len = |f: &LogFrame| {
+        LogBatch {
+            frames: vec![f.clone()],
+        }
+        .encoded_len()
+    };
+
+    // Unary: a batch of exactly the limit is decoded (its frame is then
+    // rejected as over LOG_MAX_FRAME_BYTES); one byte more is refused whole.
+    let at_limit = frame("unary", 0, &content_for("unary", LIMIT, batch_len));
+    let resp = client
+        .write_log_batch(LogBatch { frames: vec![at_limit] })
+        .await
+        .expect("a batch of exactly LOGD_MAX_MESSAGE_BYTES")
+        .into_inner();
+    assert_eq!((resp.frames_accepted, resp.frames_rejected), (0, 1));
+    let over = frame("unary", 0, &content_for("unary", LIMIT + 1, batch_len));
+    let err = client
+        .write_log_batch(LogBatch { frames: vec![over] })
+        .await
+        .expect_err("a batch one byte over LOGD_MAX_MESSAGE_BYTES");
+    eprintln!("WriteLogBatch over the limit: {err:?}");
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "WriteLogBatch: {err:?}");
     assert!(
-        matches!(err.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange),
-        "got {err:?}"
+        err.metadata().get("grpc-status-details-bin").is_none(),
+        "no RetryInfo: {err:?}"
     );
-    let ok = send_stream(&mut client, vec![frame("m", 0, "fine")]).await;
+
+    // Client streaming: the frames before the big one are made durable and
+    // counted in the message.
+    let huge = content_for("stream", LIMIT + 1, |f| f.encoded_len());
+    let mut frames: Vec<LogFrame> = (0..3).map(|i| frame("stream", 0, &format!("s{i}"))).collect();
+    frames.push(frame("stream", 0, &huge));
+    frames.push(frame("stream", 0, "after"));
+    let err = client
+        .write_log_stream(tokio_stream::iter(frames))
+        .await
+        .expect_err("WriteLogStream with a message over the limit");
+    eprintln!("WriteLogStream over the limit: {err:?}");
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "WriteLogStream: {err:?}");
+    assert!(
+        err.message().contains("3 frame(s) of this call were made durable"),
+        "WriteLogStream's message counts what was durable before: {err:?}"
+    );
+
+    // Bidi: every frame before the big one is acked before the error.
+    let huge = content_for("bidi", LIMIT + 1, |f| f.encoded_len());
+    let mut frames: Vec<LogFrame> = (0..3).map(|i| frame("bidi", 0, &format!("b{i}"))).collect();
+    frames.push(frame("bidi", 0, &huge));
+    frames.push(frame("bidi", 0, "after"));
+    let mut acks = client
+        .write_log_bidi(tokio_stream::iter(frames))
+        .await
+        .expect("WriteLogBidi")
+        .into_inner();
+    let mut through = 0;
+    let err = loop {
+        match acks.message().await {
+            Ok(Some(ack)) => through = ack.through_index,
+            Ok(None) => panic!("WriteLogBidi ended without an error (acked through {through})"),
+            Err(e) => break e,
+        }
+    };
+    eprintln!("WriteLogBidi over the limit: {err:?}");
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "WriteLogBidi: {err:?}");
+    assert_eq!(through, 3, "the frames before the big one are acked before the error");
+
+    // The server still serves.
+    let ok = send_stream(&mut client, vec![frame("unary", 0, "fine")]).await;
     assert_eq!(ok.frames_accepted, 1);
     server.stop();
+    let sessions = read_sessions(&td.log_dir());
+    let contents = |s: &str| sessions[s].iter().map(|l| l.content.clone()).collect::<Vec<_>>();
+    assert_eq!(contents("unary"), ["fine"]);
+    assert_eq!(contents("stream"), ["s0", "s1", "s2"]);
+    assert_eq!(contents("bidi"), ["b0", "b1", "b2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
