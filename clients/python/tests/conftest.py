@@ -52,6 +52,20 @@ class Server:
                 break
         raise RuntimeError(f"logd did not start; see {err.name}")
 
+    def start_and_kill_while_recovering(self):
+        """Starts logd and kills it with SIGKILL as soon as it says it is
+        recovering (before it listens): a crash in the middle of recovery."""
+        env = dict(os.environ, LOG_DIR=str(self.log_dir), LOGD_LISTEN=self.target, LOGD_METRICS_LISTEN="off",
+                   RUST_LOG="warn", **self.extra_env)
+        self.starts += 1
+        with open(self.root / f"server-{self.starts}.stderr", "w") as err:
+            proc = subprocess.Popen([logd_bin(), "serve"], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        line = proc.stdout.readline()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        assert line.startswith("logd: recovering on"), f"unexpected first line {line!r}"
+
     def kill9(self):
         if self.proc:
             self.proc.kill()
