@@ -181,7 +181,7 @@ class LogdClient:
     :class:`BufferFull`). ``flush(timeout)`` returns True when every frame
     queued before it is durable on the server, False when the timeout ran out
     first. ``close(timeout)`` flushes, stops the stream and returns within
-    ``timeout`` (plus a fraction of a second).
+    ``timeout``.
     """
 
     def __init__(self, target: str, session_id: str, *, role: str = "", user_id: str = "",
@@ -306,7 +306,7 @@ class LogdClient:
 
     def close(self, timeout: Optional[float] = 10.0) -> bool:
         """Flushes (up to ``timeout``), then ends the stream; returns within
-        ``timeout`` plus at most ~0.5 s. True if everything was durable."""
+        ``timeout``. True if everything was durable."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             done = self.flush(timeout)
@@ -316,10 +316,12 @@ class LogdClient:
             self._closed = True
             self._lock.notify_all()
         self._wake.set()
+        # Give the stream what is left of the timeout to end cleanly (the
+        # server acks what it got), then cancel whatever is still in flight.
+        # The thread is a daemon: it never keeps the process alive.
         left = 5.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        self._thread.join(timeout=min(left, 5.0))
-        self._channel.close()  # cancels an RPC still in flight
-        self._thread.join(timeout=0.5)
+        self._thread.join(timeout=left)
+        self._channel.close()
         return done
 
     def __enter__(self) -> "LogdClient":

@@ -325,3 +325,15 @@ def test_metadata_keeps_integers_extras_and_unusual_values(server):
     assert f'"line":{meta["line"]}' in raw and ".0" not in raw.split('"line":')[1][:8]
     direct = server.lines("py-meta-client")[0]["metadata"]
     assert direct == {"when": "2026-12-01T03:04:05+00:00", "count": 3, "neg": -2}
+
+
+def test_flush_and_close_return_within_their_timeout_while_the_server_is_down():
+    from conftest import free_port
+    c = LogdClient(f"127.0.0.1:{free_port()}", "py-timeouts")
+    for i in range(100):
+        c.send(f"r{i}")
+    for call in (lambda: c.flush(timeout=0.3), lambda: c.close(timeout=0.3)):
+        start = time.monotonic()
+        assert call() is False
+        took = time.monotonic() - start
+        assert took < 0.3 + 0.1, f"took {took:.3f} s"
