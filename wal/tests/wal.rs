@@ -1472,53 +1472,104 @@ proptest! {
         sizes in prop::collection::vec(1usize..400, 1..25),
         muts in prop::collection::vec(mutation(), 1..4),
     ) {
-        let payloads: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| payload(i as u64 + 7, n)).collect();
-        let offsets = record_offsets(&payloads);
-        let original = single_segment_bytes(&payloads);
-        let body = original.len() as u64 - SEGMENT_HEADER;
-        let mut damaged = original.clone();
-        for m in &muts {
-            let len = damaged.len() as u64;
-            match m {
-                Mutation::FlipBit(b) => flip_bit(&mut damaged, SEGMENT_HEADER * 8 + b % ((len - SEGMENT_HEADER) * 8).max(1)),
-                Mutation::Zero { at, len: n } => {
-                    let at = SEGMENT_HEADER + at % body;
-                    let end = (at + n).min(len);
-                    if at < end { damaged[at as usize..end as usize].fill(0) }
+        check_damage_to_the_last_segment(&sizes, &muts)?;
+    }
+}
+
+/// Pinned regression of the property above (it failed intermittently): a
+/// truncation down to the bare header left no record byte for a later bit
+/// flip, which indexed one past the end.
+#[test]
+fn a_bit_flip_after_truncating_the_segment_to_its_header_damages_nothing_and_opens() {
+    let muts = [
+        Mutation::Truncate(8194897863774364555),
+        Mutation::Truncate(0),
+        Mutation::FlipBit(0),
+    ];
+    for sizes in [vec![1], vec![399, 7, 120]] {
+        check_damage_to_the_last_segment(&sizes, &muts).unwrap();
+    }
+}
+
+/// Applies `muts` to a one-segment WAL of records of `sizes` bytes and checks
+/// what open makes of it (see the property above).
+fn check_damage_to_the_last_segment(sizes: &[usize], muts: &[Mutation]) -> Result<(), TestCaseError> {
+    let payloads: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| payload(i as u64 + 7, n))
+        .collect();
+    let offsets = record_offsets(&payloads);
+    let original = single_segment_bytes(&payloads);
+    let body = original.len() as u64 - SEGMENT_HEADER;
+    let mut damaged = original.clone();
+    for m in muts {
+        let len = damaged.len() as u64;
+        assert!(len >= SEGMENT_HEADER, "mutations never cut into the header");
+        match m {
+            // Nothing to flip once a truncation left only the header.
+            Mutation::FlipBit(_) if len == SEGMENT_HEADER => {}
+            Mutation::FlipBit(b) => flip_bit(&mut damaged, SEGMENT_HEADER * 8 + b % ((len - SEGMENT_HEADER) * 8)),
+            Mutation::Zero { at, len: n } => {
+                let at = SEGMENT_HEADER + at % body;
+                let end = (at + n).min(len);
+                if at < end {
+                    damaged[at as usize..end as usize].fill(0)
                 }
-                Mutation::Overwrite { at, bytes } => {
-                    let at = (SEGMENT_HEADER + at % body) as usize;
-                    for (i, b) in bytes.iter().enumerate() {
-                        if at + i < damaged.len() { damaged[at + i] = *b } else { damaged.push(*b) }
+            }
+            Mutation::Overwrite { at, bytes } => {
+                let at = (SEGMENT_HEADER + at % body) as usize;
+                for (i, b) in bytes.iter().enumerate() {
+                    if at + i < damaged.len() {
+                        damaged[at + i] = *b
+                    } else {
+                        damaged.push(*b)
                     }
                 }
-                Mutation::Truncate(at) => damaged.truncate((SEGMENT_HEADER + at % (len - SEGMENT_HEADER + 1)) as usize),
             }
-        }
-        let first_diff = original.iter().zip(&damaged).position(|(a, b)| a != b)
-            .unwrap_or(original.len().min(damaged.len())) as u64;
-        let intact = offsets[1..].iter().take_while(|&&end| end <= first_diff).count();
-        let t = TempDir::new().unwrap();
-        let dir = t.path().join("wal");
-        install_segment(&dir, &damaged);
-        match Wal::open(real_fs(), &dir, one_segment()) {
-            Ok((wal, report)) => {
-                let got = read_all(&dir, 1, 4000).unwrap();
-                prop_assert!(got.len() >= intact, "{} records read, {} intact before byte {}", got.len(), intact, first_diff);
-                assert_records(&got, &payloads[..got.len()], 1);
-                prop_assert_eq!(wal.next_lsn(), got.len() as u64 + 1);
-                let valid_end = offsets[got.len()];
-                prop_assert_eq!(file_len(&dir.join(FIRST_SEGMENT)), valid_end);
-                prop_assert_eq!(report.torn_tail.is_some(), damaged.len() as u64 != valid_end);
-            }
-            Err(Error::Corruption { offset, records_after, .. }) => {
-                prop_assert!(offset >= offsets[intact], "corruption at {} before the damage at {}", offset, first_diff);
-                prop_assert!(records_after >= 1);
-                prop_assert_eq!(std::fs::read(dir.join(FIRST_SEGMENT)).unwrap(), damaged);
-            }
-            Err(other) => prop_assert!(false, "unexpected error {:?}", other),
+            Mutation::Truncate(at) => damaged.truncate((SEGMENT_HEADER + at % (len - SEGMENT_HEADER + 1)) as usize),
         }
     }
+    let first_diff = original
+        .iter()
+        .zip(&damaged)
+        .position(|(a, b)| a != b)
+        .unwrap_or(original.len().min(damaged.len())) as u64;
+    let intact = offsets[1..].iter().take_while(|&&end| end <= first_diff).count();
+    let t = TempDir::new().unwrap();
+    let dir = t.path().join("wal");
+    install_segment(&dir, &damaged);
+    match Wal::open(real_fs(), &dir, one_segment()) {
+        Ok((wal, report)) => {
+            let got = read_all(&dir, 1, 4000).unwrap();
+            prop_assert!(
+                got.len() >= intact,
+                "{} records read, {} intact before byte {}",
+                got.len(),
+                intact,
+                first_diff
+            );
+            assert_records(&got, &payloads[..got.len()], 1);
+            prop_assert_eq!(wal.next_lsn(), got.len() as u64 + 1);
+            let valid_end = offsets[got.len()];
+            prop_assert_eq!(file_len(&dir.join(FIRST_SEGMENT)), valid_end);
+            prop_assert_eq!(report.torn_tail.is_some(), damaged.len() as u64 != valid_end);
+        }
+        Err(Error::Corruption {
+            offset, records_after, ..
+        }) => {
+            prop_assert!(
+                offset >= offsets[intact],
+                "corruption at {} before the damage at {}",
+                offset,
+                first_diff
+            );
+            prop_assert!(records_after >= 1);
+            prop_assert_eq!(std::fs::read(dir.join(FIRST_SEGMENT)).unwrap(), damaged);
+        }
+        Err(other) => prop_assert!(false, "unexpected error {:?}", other),
+    }
+    Ok(())
 }
 
 #[test]
