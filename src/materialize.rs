@@ -330,6 +330,9 @@ fn inspect(file: &dyn FsFile, len: u64, ckpt: Option<Checkpoint>) -> io::Result<
     };
     let (end, scanned_last) = if start < len {
         repair.scanned = true;
+        // Bytes past the checkpoint were never known synced: decide from the
+        // disk, not from cached pages whose writeback may have failed.
+        file.sync_and_drop_cache()?;
         scan_valid_lines(file, start, len, if start > 0 { seq_floor } else { 0 })?
     } else {
         (start, 0)

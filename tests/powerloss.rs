@@ -21,6 +21,8 @@
 //! Some phases inject I/O errors first: every fdatasync failing from some
 //! point on (with or without Linux's "a failed writeback drops the pages"),
 //! or a transient burst of failing fdatasyncs or writes that then heals.
+//! Either crash may follow: after a kill, the page cache still holds the
+//! pages whose writeback failed, and recovery must not trust them.
 //!
 //! After every crash the recovery pass runs, then a second pass, and:
 //! 1. every acked frame is in its session's files (rotated `.log`, `.log.gz`,
@@ -1367,16 +1369,10 @@ impl World {
             _ => None,
         };
         let fault = fault.map(|f| (self.step + self.below(steps - self.step + 1), f));
-        // After a failed fdatasync that dropped pages, only a power cut is
-        // modelled: a restart without one would read pages the disk never got.
-        let drops = matches!(
-            fault,
-            Some((
-                _,
-                Fault::Syncs { drops: true, .. } | Fault::SyncBurst { drops: true, .. }
-            ))
-        );
-        let power = drops || self.chance(70);
+        // A kill after a failed fdatasync that dropped pages restarts on a
+        // page cache holding bytes the disk never got: recovery must decide
+        // from the disk (it drops the cache of what it scans).
+        let power = self.chance(70);
         let at = match self.below(100) {
             0..=34 => Where::Step,
             35..=49 => Where::BeforeSettle,

@@ -8,7 +8,11 @@
 //! - a create, rename or unlink is durable only after [`Fs::sync_dir`] of the
 //!   directory holding the name returned `Ok`;
 //! - an error from a sync means the state on disk is unknown: callers must not
-//!   retry the sync and assume success (see `wal::Wal` for what logd does).
+//!   retry the sync and assume success (see `wal::Wal` for what logd does);
+//! - reads come from the page cache, which after a failed writeback may hold
+//!   bytes the disk never got (clean, so nothing writes them again): code
+//!   that decides from the disk (recovery) calls
+//!   [`FsFile::sync_and_drop_cache`] before it reads.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -41,6 +45,20 @@ pub trait FsFile: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The current length of the file in bytes.
     fn len(&self) -> io::Result<u64>;
+    /// `posix_fadvise(POSIX_FADV_DONTNEED)` over the whole file: its clean
+    /// cached pages are dropped, so the next reads come from the disk. Dirty
+    /// pages stay: call it after a successful [`FsFile::sync_data`].
+    fn drop_cache(&self) -> io::Result<()>;
+
+    /// Makes reads decide from the disk, not from the page cache: fdatasyncs
+    /// the file (what a killed process wrote and nobody synced is durable
+    /// from here on, or the error says it is not), then drops its cached
+    /// pages. Pages whose writeback failed earlier are clean but never
+    /// reached the disk; without the drop a reader would trust them.
+    fn sync_and_drop_cache(&self) -> io::Result<()> {
+        self.sync_data()?;
+        self.drop_cache()
+    }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -75,6 +93,22 @@ pub trait Fs: Send + Sync + 'static {
     fn exists(&self, path: &Path) -> bool;
 }
 
+/// Creates `dir` and its missing parents durably: after `create_dir_all`,
+/// the directory holding each newly created one is fsynced (parents first),
+/// so a power cut cannot take a directory, and the files in it, away. A
+/// relative single-component path's parent is the current directory.
+pub fn create_dir_durably(fs: &dyn Fs, dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !fs.exists(a))
+        .collect();
+    fs.create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        fs.sync_dir(created.parent().unwrap_or(Path::new("")))?;
+    }
+    Ok(())
+}
+
 static FILE_MODE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0o640);
 
 /// Sets the permission bits [`RealFs`] creates files with (default 0640;
@@ -104,6 +138,14 @@ impl FsFile for RealFile {
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
+    }
+    fn drop_cache(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an fd this struct owns; no memory is passed.
+        match unsafe { libc::posix_fadvise(self.0.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) } {
+            0 => Ok(()),
+            errno => Err(io::Error::from_raw_os_error(errno)),
+        }
     }
 }
 

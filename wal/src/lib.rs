@@ -7,7 +7,15 @@
 //! - A record is durable only after the `fdatasync` of a commit that covered
 //!   it returned Ok; nothing may be acknowledged earlier.
 //! - An I/O error from `write` or `fdatasync` poisons the WAL: no retry, no
-//!   further appends until a restart reopens it (see [`Wal::commit`]).
+//!   further appends until a restart reopens it (see [`Wal::commit`]). Every
+//!   fdatasync of an open WAL takes turns through one gate and checks the
+//!   poison before and after: Linux reports a writeback error once per open
+//!   file description, so when the commit thread's roll sees it first, the
+//!   batch the `wal-sync` thread is syncing on the same file must still fail.
+//! - A process never appends to a segment an earlier process wrote: open
+//!   starts a fresh segment, since the old one's cached tail may hold pages
+//!   whose writeback failed (clean, never written again, gone at the next
+//!   power cut).
 //! - All file operations go through [`fs::Fs`], so tests can simulate a power
 //!   cut that loses whatever was not fsynced.
 //! - [`sim::SimFs`] simulates that power cut deterministically (seeded
@@ -43,6 +51,11 @@
 //! one. CRC masking is LevelDB's: `rotr(crc, 15) + 0xa282ead8`.
 //!
 //! # What opening and reading tolerate
+//! Every segment is read from the disk, not the page cache: [`Wal::open`]
+//! (and [`verify`], [`salvage`]) fdatasync each segment and drop its cached
+//! pages (`POSIX_FADV_DONTNEED`) before reading it, so records whose
+//! fdatasync failed in a previous process are not taken for durable ones.
+//!
 //! Scanning stops at the first record that is truncated, zeroed, too long,
 //! of an unknown type, out of LSN order or fails its CRC. Then:
 //! - in the **last** segment, if no valid record follows, or the bad region
@@ -51,8 +64,15 @@
 //!   tail**: [`Wal::open`] truncates it, fdatasyncs, and reports segment,
 //!   offset and bytes dropped. Only bytes that were never fsynced can be torn
 //!   this way, since every commit syncs everything before it;
+//! - in an **older** segment, if no valid record follows and the next
+//!   segment starts exactly at the LSN where the valid records end, the
+//!   segment **ended early** (a torn or preallocated tail left by a process
+//!   that stopped; the next process started a fresh segment): no LSN is
+//!   missing, readers go on and report it as [`Damage::Torn`]. Nothing is
+//!   truncated there;
 //! - otherwise it is **corruption** ([`Error::Corruption`]) naming segment,
 //!   offset and how many valid records lie beyond; nothing is skipped.
+//!   Consecutive segments whose LSNs do not meet are a [`Error::Gap`].
 //!
 //! Caveat (shared with etcd): a frame whose payload holds a whole aligned
 //! 512-byte run of zeros, later hit by real corruption, can be taken for torn.

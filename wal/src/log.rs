@@ -121,6 +121,7 @@ pub struct Segments {
     dir: PathBuf,
     list: Arc<Mutex<Vec<SegmentInfo>>>,
     stats: Arc<WalStats>,
+    poisoned: Poison,
 }
 
 impl Segments {
@@ -137,6 +138,13 @@ impl Segments {
     /// Deletes every segment whose records all have LSN < `lsn`: a segment
     /// goes when the next one starts at or below `lsn`. The active (last)
     /// segment is never removed. Returns how many were removed.
+    ///
+    /// Each segment leaves the list as soon as its unlink is durable, so an
+    /// error part-way keeps the list true, and a segment whose name is
+    /// already gone (`ENOENT`: unlinked by a call that failed after it)
+    /// counts as removed: a later call finishes the job. A failed fsync of
+    /// the directory poisons the WAL (the unlink may not be durable, and a
+    /// later fsync returning Ok would not prove it is).
     pub fn remove_before(&self, lsn: u64) -> Result<usize> {
         let doomed: Vec<SegmentInfo> = {
             let list = self.list.lock().unwrap();
@@ -153,19 +161,23 @@ impl Segments {
         if doomed.is_empty() {
             return Ok(0);
         }
+        self.poisoned.check()?;
         // Oldest first, each unlink made durable before the next: a crash
         // then leaves a suffix of the segments, never a gap that readers
         // would have to take for a lost segment.
         for seg in &doomed {
-            self.fs.remove_file(&seg.path).map_err(Error::io("unlink", &seg.path))?;
+            match self.fs.remove_file(&seg.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("unlink", &seg.path)(e)),
+            }
             crate::crash_point!("wal::remove::after_unlink");
-            self.fs.sync_dir(&self.dir).map_err(Error::io("fsync dir", &self.dir))?;
+            if let Err(e) = self.fs.sync_dir(&self.dir) {
+                return Err(self.poisoned.set(Error::io("fsync dir", &self.dir)(e)));
+            }
+            self.list.lock().unwrap().retain(|s| s.first_lsn != seg.first_lsn);
+            self.stats.segments_removed.fetch_add(1, Ordering::Relaxed);
         }
-        let mut list = self.list.lock().unwrap();
-        list.retain(|s| !doomed.iter().any(|d| d.first_lsn == s.first_lsn));
-        self.stats
-            .segments_removed
-            .fetch_add(doomed.len() as u64, Ordering::Relaxed);
         Ok(doomed.len())
     }
 }
@@ -206,15 +218,20 @@ pub struct Wal {
     stats: Arc<WalStats>,
 }
 
-/// The WAL's poisoned state, shared by the WAL and its unsynced batches: the
-/// first I/O failure is kept, and everything after it is refused.
+/// The WAL's poisoned state, shared by the WAL, its unsynced batches and its
+/// segment set: the first I/O failure is kept, and everything after it is
+/// refused.
 #[derive(Clone, Default)]
-struct Poison(Arc<Mutex<Option<String>>>);
+struct Poison {
+    why: Arc<Mutex<Option<String>>>,
+    /// Held across every fdatasync of a WAL segment once the WAL is open.
+    sync_gate: Arc<Mutex<()>>,
+}
 
 impl Poison {
     /// `Err(Poisoned)` once a failure was recorded.
     fn check(&self) -> Result<()> {
-        match &*self.0.lock().unwrap() {
+        match &*self.why.lock().unwrap() {
             Some(why) => Err(Error::Poisoned(why.clone())),
             None => Ok(()),
         }
@@ -222,11 +239,32 @@ impl Poison {
 
     /// Records `err` (the first one stays) and returns it.
     fn set(&self, err: Error) -> Error {
-        let mut p = self.0.lock().unwrap();
+        let mut p = self.why.lock().unwrap();
         if p.is_none() {
             *p = Some(err.to_string());
         }
         err
+    }
+
+    /// fdatasyncs a segment; every fdatasync of an open WAL goes through
+    /// here (a batch's on the `wal-sync` thread, a roll's on the commit
+    /// thread).
+    ///
+    /// Linux reports a writeback error once per open file description
+    /// (errseq): when two threads fsync the same file, only the first call
+    /// after the failure sees it, and the other returns Ok although pages it
+    /// covers never reached the disk. So the syncs take turns, and a failed
+    /// one poisons the WAL before the next one starts; each checks the
+    /// poison before and after its own fdatasync. A batch is thus never
+    /// acknowledged once any fdatasync of its file failed, whoever saw the
+    /// error.
+    fn sync(&self, file: &dyn FsFile, path: &Path) -> Result<()> {
+        let _one_at_a_time = self.sync_gate.lock().unwrap();
+        self.check()?;
+        if let Err(e) = file.sync_data() {
+            return Err(self.set(Error::io("fdatasync", path)(e)));
+        }
+        self.check()
     }
 }
 
@@ -260,9 +298,7 @@ impl Unsynced {
             });
         }
         let t = std::time::Instant::now();
-        if let Err(e) = self.file.sync_data() {
-            return Err(self.poisoned.set(Error::io("fdatasync", &self.path)(e)));
-        }
+        self.poisoned.sync(self.file.as_ref(), &self.path)?;
         let sync_nanos = t.elapsed().as_nanos() as u64;
         let s = &self.stats;
         s.fsync_nanos.fetch_add(sync_nanos, Ordering::Relaxed);
@@ -331,21 +367,7 @@ impl Wal {
             segment: dir.to_path_buf(),
             why,
         })?;
-        // Each directory created here is durable only once the directory
-        // holding it is fsynced, up to the first one that already existed.
-        let mut created = Vec::new();
-        let mut missing = Some(dir);
-        while let Some(d) = missing
-            && !d.as_os_str().is_empty()
-            && !fs.exists(d)
-        {
-            created.push(d);
-            missing = d.parent();
-        }
-        fs.create_dir_all(dir).map_err(Error::io("mkdir", dir))?;
-        for parent in created.iter().filter_map(|d| d.parent()) {
-            fs.sync_dir(parent).map_err(Error::io("fsync dir", parent))?;
-        }
+        crate::fs::create_dir_durably(fs.as_ref(), dir).map_err(Error::io("mkdir", dir))?;
         let mut report = OpenReport::default();
         let (mut segs, tmps) = list_segments(fs.as_ref(), dir)?;
         for tmp in &tmps {
@@ -355,16 +377,22 @@ impl Wal {
         if !tmps.is_empty() {
             fs.sync_dir(dir).map_err(Error::io("fsync dir", dir))?;
         }
+        // Decide from the disk, not the page cache: after a failed fdatasync
+        // (in a process that then stopped) the cache may still hold records
+        // the disk never got. Readers later read every segment afresh.
+        for (_, path) in &segs[..segs.len().saturating_sub(1)] {
+            fs.open(path, OpenMode::Read)
+                .and_then(|f| f.sync_and_drop_cache())
+                .map_err(Error::io("fdatasync and drop cache", path))?;
+        }
         let stats = Arc::new(WalStats::default());
-        let (active, active_path, write_offset, next_lsn) = match segs.last() {
-            None => {
-                let (file, path) = create_segment(fs.as_ref(), dir, first_lsn)?;
-                segs.push((first_lsn, path.clone()));
-                (file, path, SEGMENT_HEADER_BYTES, first_lsn)
-            }
+        let next_lsn = match segs.last() {
+            None => first_lsn,
             Some((_, path)) => {
                 let path = path.clone();
                 let file = fs.open(&path, OpenMode::ReadWrite).map_err(Error::io("open", &path))?;
+                file.sync_and_drop_cache()
+                    .map_err(Error::io("fdatasync and drop cache", &path))?;
                 let scan = scan_segment(&path, file.as_ref(), true, opts.record_bytes_max, u64::MAX, |_| Ok(()))?;
                 if let Some(err) = scan.corruption() {
                     return Err(err);
@@ -379,16 +407,20 @@ impl Wal {
                         bytes: *bytes,
                         why: why.to_string(),
                     });
-                } else {
-                    // Records a killed process wrote but never fdatasynced
-                    // are readable here; recovery materializes them, so
-                    // they must become durable before anything derived
-                    // from them (or their LSNs would be issued again).
-                    file.sync_data().map_err(Error::io("fdatasync", &path))?;
                 }
-                (file, path, scan.valid_end, scan.next_lsn)
+                scan.next_lsn
             }
         };
+        // Never append to a segment an earlier process wrote: its cached
+        // tail may hold pages whose writeback failed, which a later fsync
+        // would not write again. A fresh segment starts at the next LSN (it
+        // replaces the last one when that holds no record).
+        let (active, active_path) = create_segment(fs.as_ref(), dir, next_lsn)?;
+        if segs.last().is_some_and(|(lsn, _)| *lsn == next_lsn) {
+            segs.pop();
+        }
+        segs.push((next_lsn, active_path.clone()));
+        let write_offset = SEGMENT_HEADER_BYTES;
         let mut infos = Vec::with_capacity(segs.len());
         for (lsn, path) in &segs {
             let bytes = if *path == active_path {
@@ -408,11 +440,13 @@ impl Wal {
         report.first_lsn = infos.first().map_or(next_lsn, |s| s.first_lsn);
         report.next_lsn = next_lsn;
         info!(dir = %dir.display(), segments = infos.len(), next_lsn, "wal: opened");
+        let poisoned = Poison::default();
         let segments = Segments {
             fs: fs.clone(),
             dir: dir.to_path_buf(),
             list: Arc::new(Mutex::new(infos)),
             stats: stats.clone(),
+            poisoned: poisoned.clone(),
         };
         let wal = Wal {
             fs,
@@ -425,7 +459,7 @@ impl Wal {
             buf: Vec::with_capacity(1 << 20),
             buf_records: 0,
             next_lsn,
-            poisoned: Poison::default(),
+            poisoned,
             stats,
         };
         Ok((wal, report))
@@ -508,9 +542,7 @@ impl Wal {
         self.active
             .write_all_at(&self.buf[..keep_from], self.write_offset)
             .map_err(Error::io("write", &self.active_path))?;
-        self.active
-            .sync_data()
-            .map_err(Error::io("fdatasync", &self.active_path))?;
+        self.poisoned.sync(self.active.as_ref(), &self.active_path)?;
         let sealed_bytes = self.write_offset + keep_from as u64;
         let (file, path) = create_segment(self.fs.as_ref(), &self.dir, self.next_lsn)?;
         {
@@ -588,10 +620,38 @@ pub struct ReadSummary {
     pub payload_bytes_visited: u64,
 }
 
+/// A segment that is not the last may end early: damage with no valid record
+/// after it, where the next segment starts exactly at the LSN the valid
+/// records end at (no LSN is missing). Such a tail was never acknowledged
+/// (e.g. a preallocated or torn tail of a segment a crashed process left
+/// behind) and is reported as [`Damage::Torn`]; any other damage in it stays
+/// corruption.
+fn settle_early_end(scan: &mut SegmentScan, next_first_lsn: u64) {
+    if let Some(Damage::Corrupt {
+        offset,
+        why,
+        resume_offset: None,
+        ..
+    }) = &scan.damage
+        && scan.next_lsn == next_first_lsn
+    {
+        scan.damage = Some(Damage::Torn {
+            offset: *offset,
+            bytes: scan.file_len - offset,
+            why: why.clone(),
+        });
+    }
+}
+
 /// Reads every record with LSN >= `from_lsn`, in LSN order, with bounded
-/// memory. Damage anywhere but the tail of the last segment is an error; a
-/// torn tail of the last segment ends the read (it is reported in the
-/// summary; [`Wal::open`] truncates it).
+/// memory. Damage anywhere but the tail of the last segment (or an early
+/// end of an older segment that the next one continues, see the crate docs)
+/// is an error; a torn tail of the last segment ends the read (it is
+/// reported in the summary; [`Wal::open`] truncates it).
+///
+/// It reads through the page cache: open the WAL first ([`Wal::open`]
+/// syncs every segment and drops its cached pages), or read after
+/// [`verify`], so what is read is what the disk holds.
 pub fn read_from(
     fs: &dyn Fs,
     dir: &Path,
@@ -619,11 +679,14 @@ pub fn read_from(
             });
         }
         let file = fs.open(path, OpenMode::Read).map_err(Error::io("open", path))?;
-        let scan = scan_segment(path, file.as_ref(), is_last, record_bytes_max, from_lsn, |r| {
+        let mut scan = scan_segment(path, file.as_ref(), is_last, record_bytes_max, from_lsn, |r| {
             summary.records_visited += 1;
             summary.payload_bytes_visited += r.payload.len() as u64;
             visit(r)
         })?;
+        if let Some(next) = segs.get(i + 1) {
+            settle_early_end(&mut scan, next.0);
+        }
         if let Some(err) = scan.corruption() {
             return Err(err);
         }
@@ -633,20 +696,29 @@ pub fn read_from(
     Ok(summary)
 }
 
-/// Scans every segment without stopping at damage (for `logd wal verify`).
+/// Scans every segment without stopping at damage (for `logd wal verify`
+/// and `logd recover --dry-run`). Each segment is fdatasynced and its cached
+/// pages dropped first, so the scan sees what the disk holds; nothing else
+/// changes.
 pub fn verify(fs: &dyn Fs, dir: &Path, record_bytes_max: u32) -> Result<Vec<SegmentScan>> {
     let (segs, _) = list_segments(fs, dir)?;
     let mut out = Vec::with_capacity(segs.len());
     for (i, (_, path)) in segs.iter().enumerate() {
         let file = fs.open(path, OpenMode::Read).map_err(Error::io("open", path))?;
-        out.push(scan_segment(
+        file.sync_and_drop_cache()
+            .map_err(Error::io("fdatasync and drop cache", path))?;
+        let mut scan = scan_segment(
             path,
             file.as_ref(),
             i + 1 == segs.len(),
             record_bytes_max,
             u64::MAX,
             |_| Ok(()),
-        )?);
+        )?;
+        if let Some(next) = segs.get(i + 1) {
+            settle_early_end(&mut scan, next.0);
+        }
+        out.push(scan);
     }
     Ok(out)
 }
@@ -682,6 +754,8 @@ pub fn salvage(
     };
     for (first_lsn, path) in &segs {
         let file = fs.open(path, OpenMode::Read).map_err(Error::io("open", path))?;
+        file.sync_and_drop_cache()
+            .map_err(Error::io("fdatasync and drop cache", path))?;
         let mut records = 0;
         match crate::segment::salvage_segment(path, file.as_ref(), record_bytes_max, |r| {
             records += 1;

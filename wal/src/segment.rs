@@ -138,6 +138,8 @@ impl fmt::Display for BadRecord {
 pub enum Damage {
     /// The last segment ends in a partial write from a crash: no valid record
     /// follows, or the damage holds a zeroed sector (etcd's torn-write test).
+    /// Readers also report an older segment that ended early this way when
+    /// the next segment continues at its last valid LSN (see the crate docs).
     Torn {
         /// Offset of the first bad byte; the segment is valid before it.
         offset: u64,

@@ -58,7 +58,30 @@
 //! discarded from the durable path as Linux does when it marks pages clean
 //! after a writeback error: a later sync returns `Ok` without making them
 //! durable, while reads still see them until a crash. Faults persist across
-//! [`SimFs::crash`]; see [`SimFs::clear_faults`].
+//! [`SimFs::crash`]; see [`SimFs::clear_faults`]. [`SimFs::fail_unlinks_after`]
+//! makes `remove_file` fail with `EIO` (the name stays).
+//!
+//! # Writeback errors, once per open file description (errseq)
+//! [`SimFs::fail_writeback`] is Linux's background writeback of a file
+//! failing: the file's pending data ops are discarded from the durable path
+//! (the pages are marked clean though the disk never got them; reads still
+//! see them) and the error is recorded in the inode, as Linux's `errseq_t`
+//! in the file's mapping does. Each [`SimFile`] is one open file description
+//! and samples that record when opened: its next `sync_data` writes back what
+//! is pending and then reports the error once (`EIO`); a later `sync_data` on
+//! the same handle returns `Ok`. Another handle reports it too, once; a handle
+//! opened after some handle has reported it never does. So two threads
+//! syncing one handle see the error once between them, and a restarted
+//! process that reopens the file is not told at all.
+//!
+//! # The page cache after a kill
+//! A "kill" is simply dropping every handle without [`SimFs::crash`]: the
+//! volatile view (the page cache) survives, including bytes whose writeback
+//! failed. [`FsFile::drop_cache`] (`POSIX_FADV_DONTNEED`) drops a file's
+//! clean cached pages: its volatile contents become the durable contents with
+//! the still-pending (dirty) ops replayed on top, at the same length (the
+//! in-memory inode size stays; bytes the disk never got read as zeros). It is
+//! exact after a successful `sync_data`, which is how recovery calls it.
 //!
 //! # Paths
 //! Paths are compared after `Path::components` normalization (`//` and
@@ -124,6 +147,10 @@ pub struct SimStats {
     pub sync_dir_failed: u64,
     /// `write_all_at` calls that were applied.
     pub writes: u64,
+    /// `remove_file` calls that returned `EIO`.
+    pub unlinks_failed: u64,
+    /// `drop_cache` calls.
+    pub cache_drops: u64,
     /// Crashes simulated so far.
     pub crashes: u64,
 }
@@ -165,8 +192,12 @@ struct Inode {
     /// Whether `data` may differ from `durable`.
     dirty: bool,
     /// Whether a failed sync discarded pending ops (so `data` stays different
-    /// from `durable` until a crash).
+    /// from `durable` until a crash or `drop_cache`).
     lost: bool,
+    /// Writeback errors recorded so far (Linux's errseq counter).
+    wb_err: u64,
+    /// Whether some handle has reported `wb_err` (Linux's errseq "seen" flag).
+    wb_err_seen: bool,
     /// Open handles of the current generation.
     handles: usize,
 }
@@ -223,6 +254,7 @@ struct Faults {
     sync_dir_error: bool,
     write_error: bool,
     failed_sync_drops_pending: bool,
+    unlinks_before_failure: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -250,6 +282,9 @@ pub struct SimFile {
     ino: Ino,
     generation: u64,
     writable: bool,
+    /// The inode's writeback error count this handle has reported (or that
+    /// was already reported by someone when it was opened).
+    wb_err_sampled: std::sync::atomic::AtomicU64,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -404,7 +439,7 @@ impl State {
         }
     }
 
-    fn sync_inode(&mut self, ino: Ino, generation: u64) -> io::Result<()> {
+    fn sync_inode(&mut self, ino: Ino, generation: u64, sampled: &std::sync::atomic::AtomicU64) -> io::Result<()> {
         self.inode(ino, generation)?;
         let faults = &mut self.faults;
         let mut fail = faults.sync_error;
@@ -429,7 +464,44 @@ impl State {
             apply(&mut inode.durable, &op);
         }
         inode.dirty = inode.lost;
+        // What is pending was written back; an earlier writeback error is
+        // then reported once per handle (Linux's file_check_and_advance_wb_err).
+        let seen = sampled.load(std::sync::atomic::Ordering::SeqCst);
+        if seen != inode.wb_err {
+            sampled.store(inode.wb_err, std::sync::atomic::Ordering::SeqCst);
+            inode.wb_err_seen = true;
+            self.stats.sync_data_failed += 1;
+            return Err(eio());
+        }
         self.stats.sync_data_ok += 1;
+        Ok(())
+    }
+
+    /// Background writeback of `ino` fails: see [`SimFs::fail_writeback`].
+    fn fail_writeback(&mut self, ino: Ino) {
+        let inode = self.inodes.get_mut(&ino).expect("live inode");
+        if !inode.pending.is_empty() {
+            inode.pending.clear();
+            inode.lost = true;
+        }
+        inode.wb_err += 1;
+        inode.wb_err_seen = false;
+    }
+
+    /// `POSIX_FADV_DONTNEED`: see the module docs.
+    fn drop_cache(&mut self, ino: Ino, generation: u64) -> io::Result<()> {
+        let inode = self.inode(ino, generation)?;
+        if inode.lost {
+            let mut cached = inode.durable.clone();
+            for op in &inode.pending {
+                apply(&mut cached, op);
+            }
+            cached.resize(inode.data.len(), 0);
+            inode.data = cached;
+            inode.lost = false;
+            inode.dirty = !inode.pending.is_empty();
+        }
+        self.stats.cache_drops += 1;
         Ok(())
     }
 
@@ -477,6 +549,8 @@ impl State {
             }
             inode.dirty = false;
             inode.lost = false;
+            inode.wb_err = 0;
+            inode.wb_err_seen = false;
             inode.handles = 0;
         }
 
@@ -667,6 +741,25 @@ impl SimFs {
         self.lock().faults.failed_sync_drops_pending = on;
     }
 
+    /// The next `n` `remove_file` calls succeed, every later one fails with
+    /// `EIO` and removes nothing (until [`SimFs::clear_faults`]).
+    pub fn fail_unlinks_after(&self, n: u64) {
+        self.lock().faults.unlinks_before_failure = Some(n);
+    }
+
+    /// The kernel's background writeback of the file at `path` fails now:
+    /// its pending data ops never become durable (reads still see them until
+    /// a crash or [`FsFile::drop_cache`]), and the error is reported once per
+    /// open file description, by its next `sync_data` (see the module docs).
+    /// Panics if `path` names no file.
+    pub fn fail_writeback(&self, path: &Path) {
+        let mut state = self.lock();
+        match state.lookup(&normalize(path)) {
+            Some(Node::File(ino)) => state.fail_writeback(ino),
+            _ => panic!("simfs: fail_writeback: no file {}", path.display()),
+        }
+    }
+
     /// Turns every injected fault off.
     pub fn clear_faults(&self) {
         self.lock().faults = Faults::default();
@@ -702,12 +795,17 @@ impl SimFs {
             }
             (Some(Node::File(ino)), _) => ino,
         };
-        state.inodes.get_mut(&ino).expect("live inode").handles += 1;
+        let inode = state.inodes.get_mut(&ino).expect("live inode");
+        inode.handles += 1;
+        // Linux's errseq_sample: an error nobody has reported yet is
+        // reported to this handle too; one already reported is not.
+        let sampled = if inode.wb_err_seen { inode.wb_err } else { 0 };
         Ok(SimFile {
             state: Arc::clone(&self.state),
             ino,
             generation: state.generation,
             writable: mode != OpenMode::Read,
+            wb_err_sampled: sampled.into(),
         })
     }
 }
@@ -828,6 +926,13 @@ impl Fs for SimFs {
             }
             Some(Node::File(ino)) => ino,
         };
+        if let Some(budget) = &mut state.faults.unlinks_before_failure {
+            if *budget == 0 {
+                state.stats.unlinks_failed += 1;
+                return Err(eio());
+            }
+            *budget -= 1;
+        }
         let dir = state.dir_mut(&parent).expect("holds the file");
         dir.entries.remove(&name);
         dir.pending.push(NsOp::Unlink { name, ino });
@@ -908,7 +1013,11 @@ impl FsFile for SimFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        lock(&self.state).sync_inode(self.ino, self.generation)
+        lock(&self.state).sync_inode(self.ino, self.generation, &self.wb_err_sampled)
+    }
+
+    fn drop_cache(&self) -> io::Result<()> {
+        lock(&self.state).drop_cache(self.ino, self.generation)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -1225,6 +1334,82 @@ mod tests {
             fs.crash(seed);
             assert_eq!(fs.read_file(p("/d/f")).unwrap(), b"old");
         }
+    }
+
+    #[test]
+    fn a_writeback_error_is_reported_once_per_open_file_description() {
+        let fs = fs_with_file(b"old");
+        let a = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+        let b = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+        a.write_all_at(b"new", 0).unwrap();
+        fs.fail_writeback(p("/d/f"));
+        assert_eq!(a.sync_data().unwrap_err().raw_os_error(), Some(EIO));
+        a.sync_data().expect("the same description is told once");
+        assert_eq!(b.sync_data().unwrap_err().raw_os_error(), Some(EIO));
+        b.sync_data().unwrap();
+        // Opened after the error was reported: never told.
+        fs.open(p("/d/f"), OpenMode::Read).unwrap().sync_data().unwrap();
+        assert_eq!(fs.read_file(p("/d/f")).unwrap(), b"new", "the page cache still has it");
+        assert_eq!(fs.durable_read(p("/d/f")).unwrap(), b"old");
+    }
+
+    #[test]
+    fn a_writeback_error_nobody_reported_yet_is_reported_to_a_handle_opened_later() {
+        let fs = fs_with_file(b"old");
+        let a = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+        a.write_all_at(b"new", 0).unwrap();
+        fs.fail_writeback(p("/d/f"));
+        drop(a);
+        let b = fs.open(p("/d/f"), OpenMode::Read).unwrap();
+        assert_eq!(b.sync_data().unwrap_err().raw_os_error(), Some(EIO));
+        b.sync_data().unwrap();
+    }
+
+    #[test]
+    fn a_sync_after_a_writeback_error_writes_back_new_data_and_still_reports_the_error() {
+        let fs = fs_with_file(b"0123456789");
+        let f = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+        f.write_all_at(b"ab", 0).unwrap();
+        fs.fail_writeback(p("/d/f"));
+        f.write_all_at(b"yz", 8).unwrap();
+        assert!(f.sync_data().is_err());
+        assert_eq!(fs.durable_read(p("/d/f")).unwrap(), b"01234567yz");
+    }
+
+    #[test]
+    fn dropping_the_cache_after_a_failed_writeback_shows_what_the_disk_holds() {
+        let fs = fs_with_file(b"durable");
+        let f = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+        f.write_all_at(b" and lost", 7).unwrap();
+        fs.fail_writeback(p("/d/f"));
+        assert!(f.sync_data().is_err());
+        drop(f); // a kill: the page cache survives
+        let g = fs.open(p("/d/f"), OpenMode::Read).unwrap();
+        assert_eq!(fs.read_file(p("/d/f")).unwrap(), b"durable and lost");
+        g.sync_and_drop_cache().unwrap();
+        // The size is the in-memory inode's; bytes the disk never got are zeros.
+        assert_eq!(fs.read_file(p("/d/f")).unwrap(), b"durable\0\0\0\0\0\0\0\0\0");
+        assert_eq!(fs.stats().cache_drops, 1);
+        // Dirty pages stay cached.
+        let h = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+        h.write_all_at(b"!", 0).unwrap();
+        h.drop_cache().unwrap();
+        assert_eq!(&fs.read_file(p("/d/f")).unwrap()[..7], b"!urable");
+    }
+
+    #[test]
+    fn fail_unlinks_after_lets_n_unlinks_succeed_then_keeps_the_names() {
+        let fs = fs_with_dir();
+        for name in ["/d/a", "/d/b", "/d/c"] {
+            fs.open(p(name), OpenMode::CreateOrOpen).unwrap();
+        }
+        fs.fail_unlinks_after(1);
+        fs.remove_file(p("/d/a")).unwrap();
+        assert_eq!(fs.remove_file(p("/d/b")).unwrap_err().raw_os_error(), Some(EIO));
+        assert!(fs.exists(p("/d/b")));
+        assert_eq!(fs.stats().unlinks_failed, 1);
+        fs.clear_faults();
+        fs.remove_file(p("/d/b")).unwrap();
     }
 
     #[test]

@@ -651,7 +651,10 @@ fn a_torn_tail_is_only_repaired_in_the_last_segment() {
     let torn = report.torn_tail.expect("torn tail");
     assert_eq!(&torn.segment, last);
     assert_eq!(wal.next_lsn(), 40);
-    assert_eq!(report.segments, paths.len());
+    // Every segment stays, and a fresh one takes the next appends.
+    assert_eq!(report.segments, paths.len() + 1);
+    assert_eq!(segment_paths(t.path())[..paths.len()], paths[..]);
+    assert_eq!(wal.segments().list().last().unwrap().first_lsn, 40);
     assert!(sealed_total < 39);
     assert_records(&read_all(t.path(), 1, 1000).unwrap(), &payloads[..39], 1);
 }
@@ -882,6 +885,9 @@ impl FsFile for FlakyFile {
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
     }
+    fn drop_cache(&self) -> io::Result<()> {
+        self.inner.drop_cache()
+    }
 }
 
 impl Fs for FlakyFs {
@@ -1069,7 +1075,10 @@ fn leftover_tmp_files_are_removed_on_open() {
     assert_eq!(report.removed_tmp_files, 2);
     assert!(!tmp_a.exists() && !tmp_b.exists());
     assert_eq!(wal.next_lsn(), 4);
-    assert_eq!(segment_paths(t.path()), vec![t.path().join(FIRST_SEGMENT)]);
+    assert_eq!(
+        segment_paths(t.path()),
+        vec![t.path().join(FIRST_SEGMENT), t.path().join("0000000000000004.wal")]
+    );
     drop(wal);
     let (_, report) = open(t.path(), one_segment());
     assert_eq!(report.removed_tmp_files, 0);
@@ -1349,9 +1358,10 @@ fn opening_a_fresh_nested_directory_fsyncs_the_parent_of_every_directory_it_crea
     wal.append(RecordType::Frame, b"x").unwrap();
     wal.commit().unwrap();
     drop(wal);
-    // Reopening an existing directory creates nothing and fsyncs no parent.
+    // Reopening an existing directory creates no directory and fsyncs no
+    // parent; only the directory itself, for its fresh segment's name.
     let _ = Wal::open(fs.clone(), &dir, one_segment()).unwrap();
-    assert_eq!(fs.synced_dirs(), Vec::<PathBuf>::new());
+    assert_eq!(fs.synced_dirs(), vec![dir.clone()]);
 }
 
 #[test]
