@@ -45,9 +45,16 @@ pub struct StateLock {
 }
 
 impl StateLock {
-    /// Takes `<state>/LOCK`, or fails naming who holds it.
+    /// Takes `<state>/LOCK`, or fails naming who holds it. The state
+    /// directory (`LOG_DIR/.logd` or `LOGD_STATE_DIR`) is created durably.
     pub fn acquire(state_dir: &Path) -> anyhow::Result<StateLock> {
-        std::fs::create_dir_all(state_dir)
+        StateLock::acquire_on(&RealFs, state_dir)
+    }
+
+    /// [`StateLock::acquire`], creating the directory through `fs` (the lock
+    /// itself is an `flock` on a real file).
+    pub fn acquire_on(fs: &dyn Fs, state_dir: &Path) -> anyhow::Result<StateLock> {
+        wal::fs::create_dir_durably(fs, state_dir)
             .with_context(|| format!("creating state directory {}", state_dir.display()))?;
         let path = state_dir.join("LOCK");
         let file = std::fs::OpenOptions::new()
@@ -82,22 +89,10 @@ impl StateLock {
 }
 
 /// Creates `dir` (and missing parents), fsyncing each new directory's parent
-/// so a power cut cannot take the directory, and the files in it, away.
+/// so a power cut cannot take the directory, and the files in it, away
+/// ([`wal::fs::create_dir_durably`] on the real filesystem).
 pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
-    let missing: Vec<PathBuf> = dir
-        .ancestors()
-        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
-        .map(Path::to_path_buf)
-        .collect();
-    std::fs::create_dir_all(dir)?;
-    for created in missing.iter().rev() {
-        let parent = created
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        File::open(parent)?.sync_all()?;
-    }
-    Ok(())
+    wal::fs::create_dir_durably(&RealFs, dir)
 }
 
 /// Opens the metadata store. When it cannot be opened (sled 0.34 has open
@@ -109,6 +104,7 @@ pub fn open_meta(dir: &Path, rebuild: bool) -> anyhow::Result<(Arc<dyn MetaStore
     let failure = if rebuild {
         Some("rebuild requested".to_owned())
     } else {
+        create_dir_durably(dir).with_context(|| format!("creating {}", dir.display()))?;
         match std::panic::catch_unwind(|| SledMeta::open(dir)) {
             Ok(Ok(meta)) => return Ok((Arc::new(meta), None)),
             Ok(Err(e)) => Some(e.to_string()),
@@ -122,8 +118,14 @@ pub fn open_meta(dir: &Path, rebuild: bool) -> anyhow::Result<(Arc<dyn MetaStore
             .map_or(0, |d| d.as_secs());
         let target = dir.with_file_name(format!("meta.broken-{stamp}"));
         std::fs::rename(dir, &target).with_context(|| format!("moving {} aside", dir.display()))?;
+        if let Some(parent) = dir.parent() {
+            RealFs
+                .sync_dir(parent)
+                .with_context(|| format!("fsync {}", parent.display()))?;
+        }
         aside = Some(target);
     }
+    create_dir_durably(dir).with_context(|| format!("creating {}", dir.display()))?;
     let why = failure.unwrap_or_default();
     error!(
         meta = %dir.display(),
@@ -653,4 +655,66 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     info!("shutdown complete");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::sync::Mutex;
+    use wal::fs::{FsFile, OpenMode};
+
+    /// The real filesystem, recording every directory it fsyncs.
+    #[derive(Default)]
+    struct RecordingFs {
+        synced_dirs: Mutex<Vec<PathBuf>>,
+    }
+
+    impl Fs for RecordingFs {
+        fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
+            RealFs.open(path, mode)
+        }
+        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+            RealFs.create_dir_all(path)
+        }
+        fn list_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+            RealFs.list_dir(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            RealFs.rename(from, to)
+        }
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            RealFs.remove_file(path)
+        }
+        fn sync_dir(&self, path: &Path) -> io::Result<()> {
+            self.synced_dirs.lock().unwrap().push(path.to_path_buf());
+            RealFs.sync_dir(path)
+        }
+        fn exists(&self, path: &Path) -> bool {
+            RealFs.exists(path)
+        }
+    }
+
+    #[test]
+    fn the_state_lock_creates_a_custom_state_directory_and_its_parents_durably() {
+        let t = tempfile::TempDir::new().unwrap();
+        let state = t.path().join("custom/deeper/state");
+        let fs = RecordingFs::default();
+        let lock = StateLock::acquire_on(&fs, &state).unwrap();
+        assert!(lock.path().exists());
+        // Each new directory's name lives in its parent: parents first.
+        assert_eq!(
+            *fs.synced_dirs.lock().unwrap(),
+            [
+                t.path().to_path_buf(),
+                t.path().join("custom"),
+                t.path().join("custom/deeper"),
+            ]
+        );
+        drop(lock);
+        // An existing directory is not created again.
+        let fs = RecordingFs::default();
+        let _lock = StateLock::acquire_on(&fs, &state).unwrap();
+        assert!(fs.synced_dirs.lock().unwrap().is_empty());
+    }
 }
