@@ -122,17 +122,42 @@ impl Sequencer {
         }
     }
 
-    fn last_seq(&mut self, session: &str) -> &mut i64 {
+    fn last_seq(&mut self, session: &str) -> Result<&mut i64, String> {
         if !self.last_seq.contains_key(session) {
-            // A read error here is treated as "unknown session" only if the
-            // store has no value; an error must not restart seqs at 1.
-            let last = match self.meta.checkpoint(session) {
+            // Only a store that has no value means "unknown session": a read
+            // error must not restart seqs at 1.
+            let read = (|| {
+                fail::fail_point!("ingest::meta_read", |_| Err("injected read error".to_owned()));
+                self.meta.checkpoint(session).map_err(|e| e.to_string())
+            })();
+            let last = match read {
                 Ok(c) => c.map_or(0, |c| c.last_seq),
-                Err(e) => panic!("meta store unreadable while assigning seqs for {session:?}: {e}"),
+                Err(e) => {
+                    return Err(format!(
+                        "metadata store unreadable while assigning seqs for session {session:?}: {e}"
+                    ));
+                }
             };
             self.last_seq.insert(session.to_owned(), last);
         }
-        self.last_seq.get_mut(session).expect("present")
+        Ok(self.last_seq.get_mut(session).expect("present"))
+    }
+
+    /// Loads the last seq of every session `req` names, before anything of
+    /// it is appended. On a store error the request fails and logd stops
+    /// (exit 1; the restart's recovery rebuilds what the store lost).
+    fn load_sessions(&mut self, req: &IngestRequest) -> Result<(), String> {
+        let sessions = req.query.iter().chain(req.frames.iter().map(|f| &f.session_id));
+        for session in sessions {
+            if let Err(why) = self.last_seq(session) {
+                tracing::error!("{why}; nothing more is acknowledged, logd stops so a restart can recover");
+                if let Some(fatal) = &self.fatal {
+                    fatal.cancel();
+                }
+                return Err(why);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -141,13 +166,18 @@ impl Stage for Sequencer {
     type Staged = Result<Staged, (oneshot::Sender<IngestReply>, u32, String)>;
 
     fn stage(&mut self, req: IngestRequest, wal: &mut Wal) -> Self::Staged {
+        fail::fail_point!("ingest::stage");
+        if let Err(why) = self.load_sessions(&req) {
+            return Err((req.reply, req.budget_units, why));
+        }
+        let loaded = "load_sessions loaded every session of the request";
         let mut outcomes = Vec::with_capacity(req.frames.len() + 1);
         if let Some(session) = &req.query {
-            outcomes.push(Outcome::LastSeq(*self.last_seq(session)));
+            outcomes.push(Outcome::LastSeq(self.last_seq[session]));
         }
         let mut durable = Vec::with_capacity(req.frames.len());
         for mut frame in req.frames {
-            let last = *self.last_seq(&frame.session_id);
+            let last = *self.last_seq.get(&frame.session_id).expect(loaded);
             let seq = match frame.seq {
                 0 => last + 1,
                 s if s <= last => {
@@ -159,7 +189,7 @@ impl Stage for Sequencer {
             frame.seq = seq;
             match wal.append_with(RecordType::Frame, |buf| frame.encode_raw(buf)) {
                 Ok(lsn) => {
-                    *self.last_seq(&frame.session_id) = seq;
+                    *self.last_seq.get_mut(&frame.session_id).expect(loaded) = seq;
                     outcomes.push(Outcome::Accepted(seq));
                     durable.push((lsn, frame));
                 }

@@ -105,7 +105,7 @@ pub fn open_meta(dir: &Path, rebuild: bool) -> anyhow::Result<(Arc<dyn MetaStore
         Some("rebuild requested".to_owned())
     } else {
         create_dir_durably(dir).with_context(|| format!("creating {}", dir.display()))?;
-        match std::panic::catch_unwind(|| SledMeta::open(dir)) {
+        match catch_expected_panic(|| SledMeta::open(dir)) {
             Ok(Ok(meta)) => return Ok((Arc::new(meta), None)),
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some("sled panicked while opening".to_owned()),
@@ -134,6 +134,45 @@ pub fn open_meta(dir: &Path, rebuild: bool) -> anyhow::Result<(Arc<dyn MetaStore
     );
     let meta = SledMeta::open(dir).with_context(|| format!("creating a fresh metadata store in {}", dir.display()))?;
     Ok((Arc::new(meta), aside))
+}
+
+thread_local! {
+    /// Set while [`catch_expected_panic`] runs: the fail-stop hook lets such a
+    /// panic unwind to its `catch_unwind`.
+    static PANIC_EXPECTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `catch_unwind` for a call known to panic on bad input (sled's open), which
+/// the fail-stop hook of `logd serve` must not turn into an abort.
+fn catch_expected_panic<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> std::thread::Result<R> {
+    let before = PANIC_EXPECTED.replace(true);
+    let result = std::panic::catch_unwind(f);
+    PANIC_EXPECTED.set(before);
+    result
+}
+
+/// Makes every panic in `logd serve` end the process: the message (and
+/// backtrace, per `RUST_BACKTRACE`) is printed, logged, and the process
+/// aborts. Without it a panic would end only its thread or task (the commit
+/// thread, the sync thread, a writer, the compression pool...) and leave
+/// the rest serving: requests would queue forever with health SERVING. A
+/// supervisor restarts logd and recovery decides from the disk. Installed
+/// only by `serve`, so library tests keep the default hook.
+fn install_fail_stop_panic_hook() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        if PANIC_EXPECTED.get() {
+            return;
+        }
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        error!(
+            thread = name,
+            "panic: {info}; logd aborts so that a restart recovers from what is on disk"
+        );
+        std::process::abort();
+    }));
 }
 
 async fn shutdown_signal() {
@@ -368,6 +407,7 @@ fn raise_nofile_limit() {
 /// and the log services answering UNAVAILABLE, while the recovery pass runs;
 /// only then do they serve.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    install_fail_stop_panic_hook();
     args.validate().map_err(anyhow::Error::msg)?;
     let store = &args.store;
     wal::fs::set_file_mode(args.file_mode);
@@ -382,7 +422,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = tls_config(&args)?;
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
-    // Cancelled when the WAL fails: logd then stops with exit code 1.
+    // Cancelled when the WAL or the metadata store fails: logd then stops
+    // with exit code 1.
     let fatal = CancellationToken::new();
 
     // The ports open before recovery, so health checks see NOT_SERVING.
@@ -650,7 +691,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     meta.flush().context("final metadata flush")?;
     if fatal.is_cancelled() {
         anyhow::bail!(
-            "the write-ahead log failed (see the log above); stopped so that a restart recovers from what is on disk"
+            "the write-ahead log or the metadata store failed (see the log above); stopped so that a restart recovers from what is on disk"
         );
     }
     info!("shutdown complete");

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `logd` binary, real gRPC over TCP, real files.
 
 mod crash;
+mod failstop;
 mod ingest;
 mod lifecycle;
 mod ops;
