@@ -2,9 +2,11 @@
 //! runs offline, so both repair a crashed state directory the same way.
 //!
 //! The pass, in this order (each step is safe to repeat after a crash in it):
-//! 1. Open the WAL: a torn tail of the last segment (a partial write from a
-//!    crash) is truncated; corruption (a bad record followed by valid ones)
-//!    stops the pass with an error naming segment and offset.
+//! 1. Open the WAL, reading every segment from the disk (fdatasync, then
+//!    drop its cached pages): a torn tail of the last segment (a partial
+//!    write from a crash) is truncated; corruption (a bad record followed by
+//!    valid ones) stops the pass with an error naming segment and offset; a
+//!    fresh segment takes this process's appends.
 //! 2. `Materializer::prepare`: bring session files to their checkpoints and
 //!    finish interrupted file steps (the service decides what those are).
 //! 3. Stream every WAL record, oldest first, with bounded memory, through
@@ -190,7 +192,10 @@ pub fn dry_run(
         &mut progress,
     )?;
     report.segments_scanned = summary.segments.len();
-    report.segments_removed = scans.len().saturating_sub(1);
+    // `run` starts a fresh segment and removes every older one; the fresh one
+    // replaces the last segment when that holds no record (same name).
+    let last_replaced = scans.last().is_some_and(|s| s.next_lsn == s.first_lsn);
+    report.segments_removed = scans.len() - usize::from(last_replaced);
     report.elapsed = started.elapsed();
     Ok(report)
 }

@@ -2,6 +2,7 @@
 
 mod crash;
 mod failstop;
+mod fresh_segment;
 mod ingest;
 mod lifecycle;
 mod ops;
