@@ -3,6 +3,7 @@
 mod crash;
 mod failstop;
 mod fresh_segment;
+mod fsync_real;
 mod ingest;
 mod lifecycle;
 mod ops;
