@@ -151,6 +151,10 @@ pub struct ServeArgs {
     /// Compression threads for rotated files.
     #[arg(long, env = "LOGD_COMPRESSION_WORKERS", default_value_t = 1)]
     pub compression_workers: usize,
+    /// How often the compression pool looks in the metadata store for jobs
+    /// the writers' queue did not carry (left by a crash or a full queue).
+    #[arg(long, env = "LOGD_COMPRESSION_SWEEP_INTERVAL_MS", default_value_t = 60_000)]
+    pub compression_sweep_interval_ms: u64,
     /// What happens to rotated files and where events go.
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
@@ -296,6 +300,9 @@ impl ServeArgs {
                 "LOGD_COMPRESSION_WORKERS {} must be in 1..=64",
                 self.compression_workers
             ));
+        }
+        if self.compression_sweep_interval_ms == 0 {
+            return Err("LOGD_COMPRESSION_SWEEP_INTERVAL_MS must be > 0".into());
         }
         if self.inflight_bytes_max < self.store.max_frame_bytes {
             return Err(format!(

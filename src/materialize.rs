@@ -482,12 +482,13 @@ impl Replayer {
             self.lifecycle.rotations_finished.push(rot.to.clone());
         }
         for job in meta.compress_jobs()? {
-            let gz = dir.join(format!("{}.gz", job.rotation.to));
+            let name = &job.rotation.to;
+            let gz = dir.join(format!("{name}.gz"));
             if fs.exists(&gz) {
                 if !self.dry_run {
-                    crate::rotate::run_compression(fs, dir, meta, life, &job)?;
+                    crate::rotate::run_compression(fs, dir, meta, life, name)?;
                 }
-                self.lifecycle.compressions_finished.push(job.rotation.to.clone());
+                self.lifecycle.compressions_finished.push(name.clone());
             }
         }
         let mut names: Vec<(String, crate::rotate::RotatedName)> = Vec::new();
@@ -545,7 +546,7 @@ impl Replayer {
                     ops.push(event_op(meta.next_id()?, &rotated_event(&rot)));
                 }
                 if life.gzip_level.is_some() {
-                    ops.push(compress_op(&log_name, Some(&CompressJob { rotation: rot.clone() })));
+                    ops.push(compress_op(&log_name, Some(&CompressJob::new(rot.clone()))));
                     self.lifecycle.compressions_queued += 1;
                 }
             } else if life.events {

@@ -82,11 +82,20 @@ pub struct Checkpoint {
     pub opened_at_ms: u64,
 }
 
-/// A rotated file waiting for (or in) compression.
+/// A rotated file waiting for (or in) compression. While it is in the store,
+/// the file's `compressed` event is not recorded: the batch that records
+/// the event also clears the job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompressJob {
     /// The rotation that produced the file (for the `compressed` event).
     pub rotation: Rotation,
+}
+
+impl CompressJob {
+    /// A job for a fresh rotation.
+    pub fn new(rotation: Rotation) -> Self {
+        CompressJob { rotation }
+    }
 }
 
 /// Entries of a tree, in key order.
@@ -138,12 +147,26 @@ pub trait MetaStore: Send + Sync + 'static {
             .map(|(k, v)| Ok((String::from_utf8_lossy(k).into_owned(), dec(Tree::Checkpoints, k, v)?)))
             .collect()
     }
+    /// The session's rotation recorded but not finished, if any.
+    fn rotation(&self, session: &str) -> Result<Option<Rotation>, MetaError> {
+        let key = session.as_bytes();
+        self.get(Tree::Rotations, key)?
+            .map(|v| dec(Tree::Rotations, key, &v))
+            .transpose()
+    }
     /// Rotations recorded but not finished.
     fn rotations(&self) -> Result<Vec<Rotation>, MetaError> {
         self.scan(Tree::Rotations)?
             .iter()
             .map(|(k, v)| dec(Tree::Rotations, k, v))
             .collect()
+    }
+    /// The compression job of the rotated file `name`, if it is not finished.
+    fn compress_job(&self, name: &str) -> Result<Option<CompressJob>, MetaError> {
+        let key = name.as_bytes();
+        self.get(Tree::Compressions, key)?
+            .map(|v| dec(Tree::Compressions, key, &v))
+            .transpose()
     }
     /// Compressions not finished.
     fn compress_jobs(&self) -> Result<Vec<CompressJob>, MetaError> {

@@ -2,8 +2,9 @@
 //! stream, oldest first, removing an event only after its `XADD` succeeded.
 //!
 //! Delivery is at least once and in order: a failed `XADD` stops the pass
-//! and is retried with backoff; a crash between `XADD` and the removal
-//! re-sends the event with the same `event_id`. Redis being down never
+//! and is retried with backoff. Each removal is flushed before the next
+//! `XADD`, so a crash can re-send only the one event whose `XADD` was not
+//! yet confirmed by a durable removal (with the same `event_id`). Redis being down never
 //! touches ingest: events wait in the (bounded) outbox. Started only after
 //! the recovery pass, so events of files recovery finished go out too.
 
@@ -168,9 +169,24 @@ pub async fn run_mirror(
                     .query_async(c)
                     .await;
             }
-            if let Err(e) = meta.apply(vec![event_delete_op(key)]) {
-                warn!("removing a delivered event from the outbox failed: {e}");
-                break;
+            // Durable before the next XADD: after a crash, only this event
+            // (XADDed, removal not yet durable) can be sent again.
+            let (m, k) = (meta.clone(), key.clone());
+            let removed = tokio::task::spawn_blocking(move || {
+                m.apply(vec![event_delete_op(&k)])?;
+                m.flush()
+            })
+            .await;
+            match removed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!("removing a delivered event from the outbox failed: {e}");
+                    break;
+                }
+                Err(e) => {
+                    warn!("removing a delivered event from the outbox panicked: {e}");
+                    break;
+                }
             }
             stats.published.fetch_add(1, Ordering::Relaxed);
             sent += 1;

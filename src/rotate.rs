@@ -3,17 +3,28 @@
 //!
 //! Rotation of `<session>.logtmp` (the writer task drives it):
 //! 1. fdatasync the `.logtmp` (its checkpoint covers every line);
-//! 2. record a [`Rotation`] (and the `rotated` event) in the metadata store,
-//!    flushed: from here a crash is finished by recovery;
+//! 2. record a [`Rotation`] in the metadata store, flushed: from here a
+//!    crash is finished by recovery;
 //! 3. rename to `<session>.<UTC yyyymmddTHHMMSSZ>.<first_seq>-<last_seq>.log`
 //!    and fsync the directory ([`rename_step`], idempotent);
-//! 4. clear the record and start the checkpoint of the next `.logtmp` at 0.
+//! 4. in one atomic batch, flushed: clear the record, start the checkpoint
+//!    of the next `.logtmp` at 0, queue the compression job and record the
+//!    `rotated` event.
 //!
 //! Compression of a rotated `.log` (the compression pool drives it):
 //! 1. gzip into `<name>.gz.tmp`, fdatasync, rename to `<name>.gz`, fsync the
 //!    directory ([`compress_step`]): a `.gz` exists only complete;
-//! 2. record the `compressed` event (flushed);
-//! 3. unlink the `.log` and fsync the directory ([`remove_source`]).
+//! 2. unlink the `.log` and fsync the directory ([`remove_source`]);
+//! 3. in one atomic batch, flushed: clear the job and record the
+//!    `compressed` event.
+//!
+//! # Events are recorded once
+//! An event enters the outbox only in the batch that also clears its file's
+//! record (the rotation record, the compression job), after the file change
+//! it announces is durable. Redoing a step after a crash therefore records
+//! its event once, and a step whose record is gone is never run again (it
+//! was finished). The mirror may still resend an event whose `XADD` was
+//! not confirmed when the process died (same `event_id`).
 //!
 //! Names sort by time and never collide: the seq range is in the name.
 
@@ -371,20 +382,21 @@ pub fn rotate_synced(
         reason,
         rotated_at_ms,
     };
-    let mut ops = vec![checkpoint_op(session, &ckpt), rotation_op(session, Some(&rot))];
-    if life.events {
-        ops.push(event_op(meta.next_id()?, &rotated_event(&rot)));
-    }
-    meta.apply(ops)?;
+    // The `rotated` event is recorded with the step that finishes the
+    // rotation (see `complete_rotation`), never before the rename.
+    meta.apply(vec![checkpoint_op(session, &ckpt), rotation_op(session, Some(&rot))])?;
     meta.flush()?;
     wal::crash_point!("rotate::after_record");
     complete_rotation(fs, log_dir, meta, life, &rot)?;
     Ok(Some(rot))
 }
 
-/// Renames (if not yet done), fsyncs the directory, and clears the record:
-/// the session's next `.logtmp` starts at offset 0 with the seq carried on.
-/// Idempotent, so recovery finishes an interrupted rotation with it.
+/// Renames (if not yet done), fsyncs the directory, and in one atomic batch
+/// clears the record, records the `rotated` event and queues the
+/// compression: the session's next `.logtmp` starts at offset 0 with the
+/// seq carried on. Idempotent, so recovery finishes an interrupted rotation
+/// with it; the event is recorded once because it goes in the batch that
+/// clears the record.
 pub fn complete_rotation(
     fs: &dyn Fs,
     log_dir: &Path,
@@ -392,6 +404,11 @@ pub fn complete_rotation(
     life: Lifecycle,
     rot: &Rotation,
 ) -> Result<(), BoxError> {
+    if meta.rotation(&rot.session)?.as_ref() != Some(rot) {
+        // Finished before (its record is cleared in the batch that records
+        // the event): never rename, queue or announce it twice.
+        return Ok(());
+    }
     rename_step(fs, log_dir, rot)?;
     wal::crash_point!("rotate::after_dir_fsync");
     let old = meta.checkpoint(&rot.session)?.unwrap_or_default();
@@ -403,7 +420,10 @@ pub fn complete_rotation(
     };
     let mut ops = vec![rotation_op(&rot.session, None), checkpoint_op(&rot.session, &next)];
     if life.gzip_level.is_some() {
-        ops.push(compress_op(&rot.to, Some(&CompressJob { rotation: rot.clone() })));
+        ops.push(compress_op(&rot.to, Some(&CompressJob::new(rot.clone()))));
+    }
+    if life.events {
+        ops.push(event_op(meta.next_id()?, &rotated_event(rot)));
     }
     meta.apply(ops)?;
     // Durable before the `.log` can be compressed away or a new `.logtmp`
@@ -413,32 +433,133 @@ pub fn complete_rotation(
     Ok(())
 }
 
-/// Runs a compression job to its end: `.gz`, `compressed` event, unlink of
-/// the `.log`, job cleared. Every step is idempotent.
+/// What [`run_compression`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionRun {
+    /// No job for the file is in the store: it was finished before, and is
+    /// not run (or announced) again.
+    NoJob,
+    /// The `.gz` is complete, the `.log` is gone, and the `compressed` event
+    /// was recorded (when events are on) in the batch that cleared the job.
+    Finished(Compressed),
+}
+
+/// Runs the compression job of the rotated file `name` to its end: `.gz`,
+/// unlink of the `.log`, then the `compressed` event and the job's removal
+/// in one atomic batch (flushed). The job is read from the store: one that
+/// is gone was finished and is not run again. Every step before the batch
+/// is idempotent, so a crash anywhere leaves either the job (redo, then
+/// announce once) or the event (done). Callers must not run the same job
+/// concurrently.
 pub fn run_compression(
     fs: &dyn Fs,
     log_dir: &Path,
     meta: &dyn MetaStore,
     life: Lifecycle,
-    job: &CompressJob,
-) -> Result<Compressed, BoxError> {
+    name: &str,
+) -> Result<CompressionRun, BoxError> {
+    let Some(job) = meta.compress_job(name)? else {
+        return Ok(CompressionRun::NoJob);
+    };
     let rot = &job.rotation;
+    debug_assert_eq!(rot.to, name, "a job is stored under its file's name");
     let level = life.gzip_level.unwrap_or(1);
-    let done = compress_step(fs, log_dir, &rot.to, level)?;
+    let done = compress_step(fs, log_dir, name, level)?;
     wal::crash_point!("compress::after_gz");
+    remove_source(fs, log_dir, name)?;
+    wal::crash_point!("compress::after_unlink");
+    let mut ops = vec![compress_op(name, None)];
     if life.events {
-        meta.apply(vec![event_op(meta.next_id()?, &compressed_event(rot, &done))])?;
-        meta.flush()?;
+        ops.push(event_op(meta.next_id()?, &compressed_event(rot, &done)));
     }
+    meta.apply(ops)?;
+    meta.flush()?;
     wal::crash_point!("compress::after_event");
-    remove_source(fs, log_dir, &rot.to)?;
-    meta.apply(vec![compress_op(&rot.to, None)])?;
-    Ok(done)
+    Ok(CompressionRun::Finished(done))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::meta::SimMeta;
+
+    /// A rotated `.log` with two lines and its job in `meta`, as
+    /// `complete_rotation` leaves them.
+    fn rotated_file(dir: &Path, meta: &SimMeta, life: Lifecycle) -> Rotation {
+        let fs = wal::fs::RealFs;
+        std::fs::write(
+            dir.join("s.logtmp"),
+            "{\"seq\":1,\"time\":\"t\"}\n{\"seq\":2,\"time\":\"t\"}\n",
+        )
+        .unwrap();
+        let ckpt = Checkpoint {
+            offset: 40,
+            last_seq: 2,
+            last_lsn: 2,
+            opened_at_ms: 1,
+        };
+        rotate_synced(&fs, dir, meta, life, "s", ckpt, RotateReason::Manual)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn events(meta: &SimMeta) -> Vec<String> {
+        meta.outbox(usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.event_id)
+            .collect()
+    }
+
+    const LIFE: Lifecycle = Lifecycle {
+        gzip_level: Some(1),
+        events: true,
+    };
+
+    #[test]
+    fn a_compression_job_run_twice_compresses_and_announces_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SimMeta::new();
+        let rot = rotated_file(dir.path(), &meta, LIFE);
+        let fs = wal::fs::RealFs;
+        let first = run_compression(&fs, dir.path(), &meta, LIFE, &rot.to).unwrap();
+        assert!(matches!(first, CompressionRun::Finished(_)), "{first:?}");
+        let again = run_compression(&fs, dir.path(), &meta, LIFE, &rot.to).unwrap();
+        assert_eq!(again, CompressionRun::NoJob);
+        assert_eq!(events(&meta), ["rotated:s:1-2", "compressed:s:1-2"]);
+        assert!(dir.path().join(format!("{}.gz", rot.to)).exists());
+        assert!(!dir.path().join(&rot.to).exists());
+    }
+
+    #[test]
+    fn a_crash_before_the_event_is_flushed_redoes_the_compression_and_announces_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SimMeta::new();
+        let rot = rotated_file(dir.path(), &meta, LIFE);
+        let fs = wal::fs::RealFs;
+        let gz = dir.path().join(format!("{}.gz", rot.to));
+        // Crash after the unlink: `.gz` there, `.log` gone, job still stored.
+        compress_step(&fs, dir.path(), &rot.to, 1).unwrap();
+        remove_source(&fs, dir.path(), &rot.to).unwrap();
+        let redo = run_compression(&fs, dir.path(), &meta, LIFE, &rot.to).unwrap();
+        assert!(matches!(redo, CompressionRun::Finished(_)), "{redo:?}");
+        assert_eq!(events(&meta), ["rotated:s:1-2", "compressed:s:1-2"]);
+        let (bytes, crc) = checksum(&fs, &gz).unwrap();
+        let e = &meta.outbox(usize::MAX).unwrap()[1].1;
+        assert_eq!((e.bytes, e.checksum.clone()), (bytes, format!("crc32:{crc:08x}")));
+        assert!(meta.compress_jobs().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_rotation_finished_twice_records_its_event_once_and_only_after_the_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SimMeta::new();
+        let fs = wal::fs::RealFs;
+        let rot = rotated_file(dir.path(), &meta, LIFE);
+        complete_rotation(&fs, dir.path(), &meta, LIFE, &rot).unwrap();
+        assert_eq!(events(&meta), ["rotated:s:1-2"]);
+        assert!(meta.rotations().unwrap().is_empty());
+    }
 
     #[test]
     fn rotated_names_sort_by_time_and_parse_back_even_with_dots_in_the_session() {

@@ -580,6 +580,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         writer_cfg.clone(),
         compress_rx,
         args.compression_workers,
+        Duration::from_millis(args.compression_sweep_interval_ms),
         pool_stop.clone(),
     ));
     let (control_tx, control_rx) = mpsc::channel(64);

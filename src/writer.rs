@@ -37,7 +37,7 @@ use crate::ingest::Durable;
 use crate::materialize::SessionFile;
 use crate::meta::{CompressJob, MetaStore};
 use crate::pb::LogFrame;
-use crate::rotate::{Lifecycle, Rotation, rotate_synced, run_compression};
+use crate::rotate::{CompressionRun, Lifecycle, Rotation, rotate_synced, run_compression};
 
 /// Compression jobs queued before new ones wait in the store only.
 pub const COMPRESS_QUEUE_MAX: usize = 1024;
@@ -636,12 +636,7 @@ impl Writer {
                 }
                 if self.cfg.life.gzip_level.is_some() {
                     self.cfg.stats.compress_backlog.fetch_add(1, Ordering::Relaxed);
-                    if self
-                        .cfg
-                        .compress_tx
-                        .try_send(CompressJob { rotation: rot.clone() })
-                        .is_err()
-                    {
+                    if self.cfg.compress_tx.try_send(CompressJob::new(rot.clone())).is_err() {
                         // The job is in the store; the pool's next sweep takes it.
                         self.cfg.stats.compress_backlog.fetch_sub(1, Ordering::Relaxed);
                     }
@@ -775,10 +770,11 @@ pub async fn run_compression_pool(
     cfg: WriterConfig,
     mut jobs: mpsc::Receiver<CompressJob>,
     workers: usize,
+    sweep_interval: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(workers.max(1)));
-    let mut sweep = tokio::time::interval(Duration::from_secs(60));
+    let mut sweep = tokio::time::interval(sweep_interval);
     let mut in_flight: std::collections::HashSet<String> = std::collections::HashSet::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     loop {
@@ -803,7 +799,15 @@ pub async fn run_compression_pool(
                 continue;
             }
         };
-        if !in_flight.contains(&job.rotation.to) {
+        if in_flight.contains(&job.rotation.to) {
+            // The sweep took it first; it runs once.
+            cfg.stats
+                .compress_backlog
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)))
+                .ok();
+        } else {
+            // May have been run (and finished) by the sweep meanwhile:
+            // `run_compression` then finds no job in the store and does nothing.
             start_job(&cfg, &slots, &mut in_flight, &done_tx, job).await;
         }
     }
@@ -827,8 +831,9 @@ async fn start_job(
     let spawned = std::thread::Builder::new().name("logd-gzip".into()).spawn(move || {
         lower_to_idle_priority();
         let name = job.rotation.to.clone();
-        match run_compression(cfg.fs.as_ref(), &cfg.log_dir, cfg.meta.as_ref(), cfg.life, &job) {
-            Ok(c) => {
+        match run_compression(cfg.fs.as_ref(), &cfg.log_dir, cfg.meta.as_ref(), cfg.life, &name) {
+            Ok(CompressionRun::NoJob) => {}
+            Ok(CompressionRun::Finished(c)) => {
                 let s = &cfg.stats;
                 s.compressed_files.fetch_add(1, Ordering::Relaxed);
                 s.compress_bytes_in.fetch_add(c.bytes_in, Ordering::Relaxed);

@@ -100,13 +100,14 @@ struct LineJson {
 }
 
 /// The crash points the simulated pipeline passes through.
-const CRASH_POINTS: [&str; 7] = [
+const CRASH_POINTS: [&str; 8] = [
     "wal::commit::after_write",
     "wal::remove::after_unlink",
     "rotate::after_record",
     "rotate::after_rename",
     "rotate::after_dir_fsync",
     "compress::after_gz",
+    "compress::after_unlink",
     "compress::after_event",
 ];
 
@@ -586,10 +587,14 @@ impl World {
         }
         let checkpoints: BTreeMap<String, Checkpoint> = self.dmeta.checkpoints().unwrap().into_iter().collect();
         let jobs = self.dmeta.compress_jobs().unwrap();
-        let events: BTreeSet<(bool, String, i64, i64)> = self
-            .dmeta
-            .outbox(usize::MAX)
-            .unwrap()
+        let outbox = self.dmeta.outbox(usize::MAX).unwrap();
+        let mut ids = BTreeSet::new();
+        for (_, e) in &outbox {
+            // Nothing drains the outbox here: an id twice is an event
+            // recorded twice (a step redone after a crash re-announced it).
+            ensure!(ids.insert(e.event_id.clone()), "event {} recorded twice", e.event_id);
+        }
+        let events: BTreeSet<(bool, String, i64, i64)> = outbox
             .into_iter()
             .map(|(_, e)| (e.kind == EventKind::Rotated, e.path, e.first_seq, e.last_seq))
             .collect();
@@ -1172,7 +1177,7 @@ impl World {
                 note!(self, "{session}: rotated ({reason:?}) to {}", rot.to);
                 self.stats.rotations += 1;
                 if self.life.gzip_level.is_some() {
-                    out.compress.push_back(CompressJob { rotation: rot });
+                    out.compress.push_back(CompressJob::new(rot));
                 }
             }
             Ok(None) => note!(self, "{session}: nothing to rotate"),
@@ -1337,7 +1342,13 @@ impl World {
                 None => return,
             },
         };
-        let done = run_compression(self.dfs.as_ref(), log_dir(), self.dmeta.as_ref(), self.life, &job);
+        let done = run_compression(
+            self.dfs.as_ref(),
+            log_dir(),
+            self.dmeta.as_ref(),
+            self.life,
+            &job.rotation.to,
+        );
         note!(self, "compress {}: {done:?}", job.rotation.to);
         if done.is_ok() {
             self.stats.compressions += 1;

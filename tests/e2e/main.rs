@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `logd` binary, real gRPC over TCP, real files.
 
 mod crash;
+mod events;
 mod failstop;
 mod fresh_segment;
 mod fsync_real;

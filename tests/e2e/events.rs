@@ -1,0 +1,291 @@
+//! Event identity on the Redis stream: without a crash every `event_id`
+//! reaches the stream once; across a kill -9 (placed precisely with crash
+//! points) the only event sent again is the one whose `XADD` was not yet
+//! confirmed when the process died. Real `redis-server`, real binary.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use logd::pb::admin_service_client::AdminServiceClient;
+use logd::pb::{LogBatch, RotateRequest, StatsRequest, StatsResponse};
+
+use crate::redis_server::RedisServer;
+use crate::util::*;
+
+const STREAM: &str = "logd:events";
+
+async fn stats(server: &Server) -> StatsResponse {
+    let mut admin = AdminServiceClient::connect(server.addr.clone())
+        .await
+        .expect("connect admin");
+    admin.get_stats(StatsRequest {}).await.expect("GetStats").into_inner()
+}
+
+async fn rotate_all(server: &Server) {
+    let mut admin = AdminServiceClient::connect(server.addr.clone())
+        .await
+        .expect("connect admin");
+    admin
+        .rotate(RotateRequest {
+            session_id: String::new(),
+            all: true,
+        })
+        .await
+        .expect("Rotate");
+}
+
+/// `.log` and `.tmp` files: what a finished lifecycle leaves none of.
+fn unfinished_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".log") || n.ends_with(".tmp"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `.log.gz` files in `dir`.
+fn gz_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".log.gz"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits until every rotated file is compressed and the outbox is empty.
+async fn wait_settled(server: &Server, dir: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = stats(server).await;
+        let left = unfinished_files(dir);
+        if s.compress_backlog == 0 && s.outbox_events == 0 && left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled after {timeout:?}: {left:?} left; {s:?}\nstderr:\n{}",
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every entry's `event_id`, in stream order.
+async fn stream_event_ids(url: &str) -> Vec<String> {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(STREAM)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .expect("XRANGE");
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            let v = e.map.get("event_id").expect("event_id field");
+            redis::from_redis_value_ref::<String>(v).unwrap()
+        })
+        .collect()
+}
+
+/// `event_id` → how many stream entries carry it, for those with more than one.
+fn repeated(ids: &[String]) -> BTreeMap<String, usize> {
+    let mut n: BTreeMap<String, usize> = BTreeMap::new();
+    for id in ids {
+        *n.entry(id.clone()).or_default() += 1;
+    }
+    n.retain(|_, c| *c > 1);
+    n
+}
+
+/// One WriteLogBatch of `n` frames (server seqs) to each session; false if
+/// the server is gone.
+async fn send_round(server: &Server, sessions: &[String], n: usize) -> bool {
+    let frames = sessions
+        .iter()
+        .flat_map(|s| (0..n).map(move |i| frame(s, 0, &format!("{s} frame {i} {}", "z".repeat(80)))))
+        .collect();
+    let Ok(mut client) = logd::pb::log_service_client::LogServiceClient::connect(server.addr.clone()).await else {
+        return false;
+    };
+    client.write_log_batch(LogBatch { frames }).await.is_ok()
+}
+
+fn env_for(redis: &RedisServer) -> Vec<(&'static str, String)> {
+    vec![
+        ("REDIS_URL", redis.url.clone()),
+        ("LOG_MAX_SIZE_BYTES", "1".into()), // every write rotates
+        ("LOG_COMPRESSION", "gzip".into()),
+        ("LOG_FLUSH_INTERVAL_MS", "20".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, v.to_string()))
+    .collect()
+}
+
+fn as_env<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Many rotations, compressions slowed so that the writers' queue holds
+/// jobs when the pool's store sweep (every 50 ms here) runs: a job taken by
+/// the sweep must not run again when it comes out of the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn a_run_with_many_rotations_and_no_crash_sends_every_event_id_once() {
+    let redis = RedisServer::start();
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let mut env = env_for(&redis);
+    env.push(("LOGD_COMPRESSION_SWEEP_INTERVAL_MS", "50".into()));
+    env.push(("FAILPOINTS", "compress::after_gz=sleep(5)".into()));
+    let mut server = Server::start(&dir, &as_env(&env));
+    let sessions: Vec<String> = (0..8).map(|i| format!("many-{i}")).collect();
+    for _ in 0..25 {
+        assert!(send_round(&server, &sessions, 1).await);
+    }
+    rotate_all(&server).await;
+    wait_settled(&server, &dir, Duration::from_secs(60)).await;
+    server.stop();
+    let gz = gz_files(&dir);
+    assert_eq!(gz.len(), 8 * 25, "one file per write");
+    let ids = stream_event_ids(&redis.url).await;
+    assert_eq!(
+        repeated(&ids),
+        BTreeMap::new(),
+        "event_ids on the stream more than once"
+    );
+    assert_eq!(ids.len(), 2 * gz.len(), "a rotated and a compressed event per file");
+}
+
+/// Starts logd with `failpoints` armed and writes until it aborts (or, with
+/// `None`, SIGKILLs it after ~1 s of load); reads the stream; restarts,
+/// lets everything finish; reads the stream again. The stream after the
+/// restart starts with what it held before the kill, and the only
+/// `event_id` it may hold twice is the last one sent before the kill (the
+/// mirror sends one at a time, so only that one can have been unconfirmed).
+async fn only_the_unconfirmed_event_is_resent(failpoints: Option<&str>) {
+    let redis = RedisServer::start();
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let env = env_for(&redis);
+    let mut armed = env.clone();
+    if let Some(fp) = failpoints {
+        armed.push(("FAILPOINTS", fp.to_string()));
+    }
+    let mut server = Server::start(&dir, &as_env(&armed));
+    let sessions: Vec<String> = (0..4).map(|i| format!("kill-{i}")).collect();
+    let started = Instant::now();
+    loop {
+        if server.try_exit_status().is_some() {
+            break;
+        }
+        match failpoints {
+            Some(fp) => assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "logd did not abort at {fp}; stderr:\n{}",
+                server.stderr()
+            ),
+            None if started.elapsed() > Duration::from_millis(1500) => {
+                server.kill9();
+                break;
+            }
+            None => {}
+        }
+        if !send_round(&server, &sessions, 2).await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    if let Some(fp) = failpoints {
+        let point = fp.split('=').next().unwrap();
+        assert!(
+            server.stderr().contains(&format!("crash point {point} hit")),
+            "{}",
+            server.stderr()
+        );
+    }
+    let before = stream_event_ids(&redis.url).await;
+    let mut server = Server::start(&dir, &as_env(&env));
+    for _ in 0..3 {
+        assert!(send_round(&server, &sessions, 1).await);
+    }
+    rotate_all(&server).await;
+    wait_settled(&server, &dir, Duration::from_secs(60)).await;
+    server.stop();
+    let after = stream_event_ids(&redis.url).await;
+    assert!(
+        after.starts_with(&before),
+        "the stream before the kill is a prefix of the stream after"
+    );
+    let reps = repeated(&after);
+    let allowed: BTreeMap<String, usize> = before.last().map(|l| (l.clone(), 2)).into_iter().collect();
+    for (id, n) in &reps {
+        assert!(
+            allowed.get(id) == Some(n),
+            "{id} reached the stream {n} times; only the last event sent before the kill ({:?}) may be sent \
+             again, once. {} entries before the kill, {} after; repeated: {reps:?}",
+            before.last(),
+            before.len(),
+            after.len()
+        );
+    }
+    let gz = gz_files(&dir);
+    let distinct: std::collections::BTreeSet<&String> = after.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        2 * gz.len(),
+        "a rotated and a compressed event per file"
+    );
+    println!(
+        "{failpoints:?}: {} entries before the kill, {} after, {} files, repeated: {reps:?}",
+        before.len(),
+        after.len(),
+        gz.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn a_kill_between_xadd_and_outbox_removal_resends_only_that_event() {
+    only_the_unconfirmed_event_is_resent(Some("mirror::after_xadd=20*off->return")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn a_kill_after_the_compressed_event_is_recorded_announces_it_once() {
+    only_the_unconfirmed_event_is_resent(Some("compress::after_event=6*off->return")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn a_kill_after_the_gz_rename_announces_the_compression_once() {
+    only_the_unconfirmed_event_is_resent(Some("compress::after_gz=6*off->return")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn a_kill_after_the_unlink_of_a_compressed_log_announces_the_compression_once() {
+    only_the_unconfirmed_event_is_resent(Some("compress::after_unlink=6*off->return")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn a_kill_after_a_rotation_rename_announces_the_rotation_once() {
+    only_the_unconfirmed_event_is_resent(Some("rotate::after_rename=6*off->return")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_under_load_resends_at_most_the_unconfirmed_event() {
+    only_the_unconfirmed_event_is_resent(None).await;
+}
