@@ -282,7 +282,8 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
         open_meta(&store.meta_dir(), args.rebuild_meta)?
     };
     let wal_dir = store.wal_dir();
-    let (report, replayer) = if args.dry_run {
+    let meta_view = meta.clone();
+    let (report, mut replayer) = if args.dry_run {
         let mut replayer =
             Replayer::dry_run(fs.clone(), &store.log_dir, meta).with_lifecycle(args.lifecycle.lifecycle());
         (
@@ -298,10 +299,21 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
         };
         (report, replayer)
     };
+    // What `serve`'s compression pool would do next: finish the pending
+    // compressions, so that `serve` finds nothing left.
+    replayer
+        .finish_compressions()
+        .map_err(|e| anyhow::anyhow!("finishing pending compressions: {e}"))?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    print_recovery(&args, &report, &replayer, meta_aside.as_deref());
+    let outbox_events = meta_view.outbox_len()? as u64
+        + if args.dry_run {
+            replayer.lifecycle.events_recorded
+        } else {
+            0
+        };
+    print_recovery(&args, &report, &replayer, meta_aside.as_deref(), outbox_events);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -341,7 +353,13 @@ fn lost_json(l: &wal::LostRange) -> serde_json::Value {
     })
 }
 
-fn print_recovery(args: &RecoverArgs, report: &recovery::Report, replayer: &Replayer, meta_aside: Option<&Path>) {
+fn print_recovery(
+    args: &RecoverArgs,
+    report: &recovery::Report,
+    replayer: &Replayer,
+    meta_aside: Option<&Path>,
+    outbox_events: u64,
+) {
     let torn = report
         .open
         .torn_tail
@@ -361,6 +379,8 @@ fn print_recovery(args: &RecoverArgs, report: &recovery::Report, replayer: &Repl
             "checkpoints_refreshed": replayer.checkpoints_refreshed,
             "sessions": replayer.per_session,
             "lifecycle": replayer.lifecycle,
+            "compressions_left": replayer.compressions_left(),
+            "outbox_events": outbox_events,
             "meta_moved_aside_to": meta_aside,
             "salvage": report.moved_aside_to.as_ref().map(|to| json!({
                 "wal_moved_aside_to": to,
@@ -404,17 +424,45 @@ fn print_recovery(args: &RecoverArgs, report: &recovery::Report, replayer: &Repl
         );
     }
     let l = &replayer.lifecycle;
+    let finish = if args.dry_run { "would finish" } else { "finished" };
     for f in &l.rotations_finished {
-        println!("finished an interrupted rotation: {f}");
+        println!("{finish} an interrupted rotation: {f}");
     }
     for f in &l.compressions_finished {
-        println!("finished an interrupted compression: {f}.gz");
+        println!("{finish} an interrupted compression: {f}.gz");
+    }
+    let left = replayer.compressions_left();
+    if !left.is_empty() {
+        println!(
+            "{} compression(s) {} unfinished: {}",
+            left.len(),
+            if args.dry_run { "would stay" } else { "stay" },
+            left.join(", ")
+        );
     }
     if l.meta_rebuilt {
-        println!(
-            "metadata store rebuilt from the files: {} event(s) re-announced, {} compression(s) queued",
-            l.events_reemitted, l.compressions_queued
-        );
+        if args.dry_run {
+            println!("the metadata store holds no checkpoints: it would be rebuilt from the files");
+        } else {
+            println!(
+                "metadata store rebuilt from the files: {} event(s) re-announced, {} compression(s) queued",
+                l.events_reemitted, l.compressions_queued
+            );
+        }
+    }
+    if l.events_recorded > 0 || outbox_events > 0 {
+        if args.dry_run {
+            println!(
+                "events: {} would be recorded; {outbox_events} would wait in the outbox for the Redis mirror \
+                 (`logd serve` sends them)",
+                l.events_recorded
+            );
+        } else {
+            println!(
+                "events: {} recorded; {outbox_events} wait in the outbox for the Redis mirror (`logd serve` sends them)",
+                l.events_recorded
+            );
+        }
     }
     if let Some(to) = meta_aside {
         println!("metadata store moved aside to {} and rebuilt", to.display());

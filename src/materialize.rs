@@ -412,13 +412,22 @@ pub struct Replayer {
     pub lifecycle: LifecycleRepair,
 }
 
-/// File steps the recovery pass finished.
+/// File steps the recovery pass finished (in a dry run: would finish).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LifecycleRepair {
     /// Rotations recorded but not finished (renamed now).
     pub rotations_finished: Vec<String>,
-    /// Compressions whose `.gz` existed (source removed, event recorded).
+    /// Rotated files whose compression was not finished when the pass
+    /// started (including those of the rotations it finishes), in seq order
+    /// per session.
+    pub compressions_pending: Vec<String>,
+    /// Pending compressions finished: by `prepare` those whose `.gz` was
+    /// complete (only the unlink and the event were left), by
+    /// [`Replayer::finish_compressions`] the others.
     pub compressions_finished: Vec<String>,
+    /// Events recorded in the outbox (one per finished step, when events
+    /// are on, plus those re-announced after a rebuild).
+    pub events_recorded: u64,
     /// Rotated files re-announced because the store was rebuilt.
     pub events_reemitted: u64,
     /// Rotated `.log` files queued for compression because the store was rebuilt.
@@ -475,21 +484,37 @@ impl Replayer {
     fn repair_lifecycle(&mut self) -> Result<HashMap<String, i64>, BoxError> {
         use crate::rotate::{complete_rotation, parse_rotated_name};
         let (fs, dir, meta, life) = (self.fs.as_ref(), self.log_dir.as_path(), self.meta.as_ref(), self.life);
-        for rot in meta.rotations()? {
+        let events = u64::from(life.events);
+        let mut rotations = meta.rotations()?;
+        rotations.sort_by(|a, b| (&a.session, a.stats.first_seq).cmp(&(&b.session, b.stats.first_seq)));
+        let mut pending: Vec<(String, i64, String)> = Vec::new();
+        for rot in rotations {
             if !self.dry_run {
                 complete_rotation(fs, dir, meta, life, &rot)?;
+            } else if life.gzip_level.is_some() {
+                // Finishing it queues its compression (below when not dry).
+                pending.push((rot.session.clone(), rot.stats.first_seq, rot.to.clone()));
             }
             self.lifecycle.rotations_finished.push(rot.to.clone());
+            self.lifecycle.events_recorded += events;
         }
         for job in meta.compress_jobs()? {
-            let name = &job.rotation.to;
+            let r = &job.rotation;
+            pending.push((r.session.clone(), r.stats.first_seq, r.to.clone()));
+        }
+        // Seq order per session: `compressed` events must go out in it.
+        pending.sort();
+        pending.dedup();
+        for (_, _, name) in pending {
             let gz = dir.join(format!("{name}.gz"));
             if fs.exists(&gz) {
                 if !self.dry_run {
-                    crate::rotate::run_compression(fs, dir, meta, life, name)?;
+                    crate::rotate::run_compression(fs, dir, meta, life, &name)?;
                 }
                 self.lifecycle.compressions_finished.push(name.clone());
+                self.lifecycle.events_recorded += events;
             }
+            self.lifecycle.compressions_pending.push(name);
         }
         let mut names: Vec<(String, crate::rotate::RotatedName)> = Vec::new();
         if fs.exists(dir) {
@@ -559,12 +584,57 @@ impl Replayer {
                 ops.push(event_op(meta.next_id()?, &rotated_event(&rot)));
                 ops.push(event_op(meta.next_id()?, &compressed_event(&rot, &c)));
             }
-            self.lifecycle.events_reemitted += ops.iter().filter(|o| o.0 == crate::meta::Tree::Outbox).count() as u64;
+            let n = ops.iter().filter(|o| o.0 == crate::meta::Tree::Outbox).count() as u64;
+            self.lifecycle.events_reemitted += n;
+            self.lifecycle.events_recorded += n;
             if !ops.is_empty() {
                 meta.apply(ops)?;
             }
         }
         Ok(())
+    }
+
+    /// Runs every pending compression that `prepare` left (those without a
+    /// complete `.gz`) to its end, in seq order, as the service's
+    /// compression pool does right after its recovery pass: `logd recover`
+    /// calls this so that it finishes exactly what `logd serve` would. In a
+    /// dry run, only counts them as would-be finished.
+    pub fn finish_compressions(&mut self) -> Result<(), BoxError> {
+        use crate::rotate::{CompressionRun, run_compression};
+        if !self.dry_run {
+            // Also jobs queued after `prepare` listed them (a rebuild).
+            let mut jobs = self.meta.compress_jobs()?;
+            jobs.sort_by(|a, b| {
+                (&a.rotation.session, a.rotation.stats.first_seq)
+                    .cmp(&(&b.rotation.session, b.rotation.stats.first_seq))
+            });
+            for job in jobs {
+                if !self.lifecycle.compressions_pending.contains(&job.rotation.to) {
+                    self.lifecycle.compressions_pending.push(job.rotation.to);
+                }
+            }
+        }
+        for name in self.compressions_left() {
+            if !self.dry_run {
+                let run = run_compression(self.fs.as_ref(), &self.log_dir, self.meta.as_ref(), self.life, &name)?;
+                if run == CompressionRun::NoJob {
+                    continue;
+                }
+            }
+            self.lifecycle.compressions_finished.push(name);
+            self.lifecycle.events_recorded += u64::from(self.life.events);
+        }
+        Ok(())
+    }
+
+    /// Pending compressions not finished (the service's pool takes them).
+    pub fn compressions_left(&self) -> Vec<String> {
+        let l = &self.lifecycle;
+        l.compressions_pending
+            .iter()
+            .filter(|n| !l.compressions_finished.contains(n))
+            .cloned()
+            .collect()
     }
 
     /// A replayer that changes nothing and only counts.

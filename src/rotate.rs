@@ -253,6 +253,7 @@ pub fn compress_step(fs: &dyn Fs, log_dir: &Path, name: &str, level: u32) -> io:
     let input = fs.open(&src, OpenMode::Read)?;
     let bytes_in = input.len()?;
     let out = fs.open(&tmp, OpenMode::CreateTruncate)?;
+    wal::crash_point!("compress::after_tmp_open");
     let mut enc = flate2::write::GzEncoder::new(
         FsWriter {
             file: out.as_ref(),

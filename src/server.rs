@@ -518,7 +518,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 );
             }
             if !l.rotations_finished.is_empty() || !l.compressions_finished.is_empty() {
-                info!(rotations = ?l.rotations_finished, compressions = ?l.compressions_finished, "recovery: finished interrupted file steps");
+                info!(rotations = ?l.rotations_finished, compressions = ?l.compressions_finished, events = l.events_recorded, "recovery: finished interrupted file steps");
+            }
+            let left = replayer.compressions_left();
+            if !left.is_empty() {
+                info!(files = ?left, "recovery: {} compression(s) left for the compression pool", left.len());
             }
             out
         })

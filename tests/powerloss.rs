@@ -100,12 +100,13 @@ struct LineJson {
 }
 
 /// The crash points the simulated pipeline passes through.
-const CRASH_POINTS: [&str; 8] = [
+const CRASH_POINTS: [&str; 9] = [
     "wal::commit::after_write",
     "wal::remove::after_unlink",
     "rotate::after_record",
     "rotate::after_rename",
     "rotate::after_dir_fsync",
+    "compress::after_tmp_open",
     "compress::after_gz",
     "compress::after_unlink",
     "compress::after_event",

@@ -39,6 +39,7 @@ const CRASH_POINTS: &[&str] = &[
     "rotate::after_rename",
     "rotate::after_record",
     "rotate::after_dir_fsync",
+    "compress::after_tmp_open",
     "compress::after_gz",
     "compress::after_unlink",
     "compress::after_event",
@@ -573,7 +574,9 @@ fn skip_for(point: &str, rng: &mut Rng) -> u64 {
         "dispatcher::after_meta_flush" => rng.range(0, 40),
         "wal::remove::after_unlink" => rng.range(0, 12),
         "rotate::after_rename" | "rotate::after_record" | "rotate::after_dir_fsync" => rng.range(0, 30),
-        "compress::after_gz" | "compress::after_unlink" | "compress::after_event" => rng.range(0, 20),
+        "compress::after_tmp_open" | "compress::after_gz" | "compress::after_unlink" | "compress::after_event" => {
+            rng.range(0, 20)
+        }
         "mirror::after_xadd" => rng.range(0, 40),
         _ => rng.range(0, 20),
     }

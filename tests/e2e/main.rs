@@ -8,6 +8,7 @@ mod fsync_real;
 mod ingest;
 mod lifecycle;
 mod ops;
+mod recover;
 mod redis_server;
 mod restart;
 mod util;
