@@ -283,19 +283,23 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     };
     let wal_dir = store.wal_dir();
     let meta_view = meta.clone();
+    // Read before the pass: salvage compares damaged LSNs with it.
+    let materialized_below = meta_view.materialized_below_lsn()?;
     let (report, mut replayer) = if args.dry_run {
         let mut replayer =
             Replayer::dry_run(fs.clone(), &store.log_dir, meta).with_lifecycle(args.lifecycle.lifecycle());
-        (
-            recovery::dry_run(fs, &wal_dir, opts, &mut replayer, progress)?,
-            replayer,
-        )
+        let report = if args.salvage {
+            recovery::salvage_dry_run(fs, &wal_dir, opts, &mut replayer, progress)
+        } else {
+            recovery::dry_run(fs, &wal_dir, opts, &mut replayer, progress)
+        };
+        (report.map_err(with_salvage_hint)?, replayer)
     } else {
         let mut replayer = Replayer::new(fs.clone(), &store.log_dir, meta).with_lifecycle(args.lifecycle.lifecycle());
         let (_wal, report) = if args.salvage {
             recovery::salvage(fs, &wal_dir, opts, &mut replayer, progress)?
         } else {
-            recovery::run(fs, &wal_dir, opts, &mut replayer, progress)?
+            recovery::run(fs, &wal_dir, opts, &mut replayer, progress).map_err(with_salvage_hint)?
         };
         (report, replayer)
     };
@@ -313,8 +317,44 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
         } else {
             0
         };
-    print_recovery(&args, &report, &replayer, meta_aside.as_deref(), outbox_events);
+    print_recovery(
+        &args,
+        &report,
+        &replayer,
+        meta_aside.as_deref(),
+        outbox_events,
+        materialized_below,
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A damaged WAL's error, with the next steps for the operator.
+fn with_salvage_hint(e: recovery::Error) -> anyhow::Error {
+    let integrity = e.is_integrity();
+    let e = anyhow::Error::new(e);
+    if integrity {
+        e.context(
+            "the WAL is damaged: `logd recover --salvage --dry-run` shows what salvage would keep and lose \
+             (it changes nothing), then `logd recover --salvage` keeps every readable record, moves the damaged \
+             WAL aside and reports what was lost",
+        )
+    } else {
+        e
+    }
+}
+
+/// How much of a damaged range salvage skipped is really lost: records
+/// below `materialized_below` are in their session files already.
+fn split_lost(l: &wal::LostRange, materialized_below: u64) -> (u64, u64) {
+    let in_files = materialized_below.clamp(l.lsn_from, l.lsn_to) - l.lsn_from;
+    (l.lsn_to - l.lsn_from - in_files, in_files)
+}
+
+/// Whether a damaged range may hold a record in no session file.
+fn range_loses(l: &wal::LostRange, materialized_below: u64) -> bool {
+    let (lost, _) = split_lost(l, materialized_below);
+    // A range with nothing valid after it holds an unknown number of records.
+    lost > 0 || (l.lsn_to == l.lsn_from && l.lsn_from >= materialized_below)
 }
 
 /// A read-only view of the checkpoints for `--dry-run`: sled cannot open a
@@ -346,10 +386,12 @@ fn walk(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
     Ok(out)
 }
 
-fn lost_json(l: &wal::LostRange) -> serde_json::Value {
+fn lost_json(l: &wal::LostRange, materialized_below: u64) -> serde_json::Value {
+    let (lost, in_files) = split_lost(l, materialized_below);
     json!({
         "segment": l.segment, "offset": l.offset, "bytes": l.bytes,
-        "lsn_from": l.lsn_from, "lsn_to": l.lsn_to, "records_lost": l.lsn_to - l.lsn_from, "why": l.why.to_string(),
+        "lsn_from": l.lsn_from, "lsn_to": l.lsn_to, "records_lost": lost,
+        "records_in_session_files": in_files, "why": l.why.to_string(),
     })
 }
 
@@ -359,7 +401,10 @@ fn print_recovery(
     replayer: &Replayer,
     meta_aside: Option<&Path>,
     outbox_events: u64,
+    materialized_below: u64,
 ) {
+    let records_lost: u64 = report.lost.iter().map(|l| split_lost(l, materialized_below).0).sum();
+    let records_in_files: u64 = report.lost.iter().map(|l| split_lost(l, materialized_below).1).sum();
     let torn = report
         .open
         .torn_tail
@@ -384,9 +429,12 @@ fn print_recovery(
             "meta_moved_aside_to": meta_aside,
             "salvage": report.moved_aside_to.as_ref().map(|to| json!({
                 "wal_moved_aside_to": to,
-                "lost": report.lost.iter().map(lost_json).collect::<Vec<_>>(),
-                "records_lost": report.lost.iter().map(|l| l.lsn_to - l.lsn_from).sum::<u64>(),
-                "bytes_lost": report.lost.iter().map(|l| l.bytes).sum::<u64>(),
+                "lost": report.lost.iter().map(|l| lost_json(l, materialized_below)).collect::<Vec<_>>(),
+                "records_lost": records_lost,
+                "records_in_session_files": records_in_files,
+                "bytes_damaged": report.lost.iter().map(|l| l.bytes).sum::<u64>(),
+                "bytes_lost": report.lost.iter().filter(|l| range_loses(l, materialized_below)).map(|l| l.bytes).sum::<u64>(),
+                "materialized_below_lsn": materialized_below,
             })),
             "elapsed_ms": report.elapsed.as_millis() as u64,
         });
@@ -468,19 +516,49 @@ fn print_recovery(
         println!("metadata store moved aside to {} and rebuilt", to.display());
     }
     if let Some(to) = &report.moved_aside_to {
-        println!("salvage: damaged WAL moved aside to {} (not deleted)", to.display());
-        for l in &report.lost {
+        if args.dry_run {
             println!(
-                "  LOST: {} bytes at offset {} of {} (LSNs {}..{}, {} record(s)): {}",
-                l.bytes,
-                l.offset,
-                l.segment.display(),
-                l.lsn_from,
-                l.lsn_to,
-                l.lsn_to - l.lsn_from,
-                l.why
+                "salvage: the damaged WAL would be moved aside to {} (not deleted)",
+                to.display()
             );
+        } else {
+            println!("salvage: damaged WAL moved aside to {} (not deleted)", to.display());
         }
+        for l in &report.lost {
+            let (lost, in_files) = split_lost(l, materialized_below);
+            if range_loses(l, materialized_below) {
+                println!(
+                    "  LOST: {} bytes at offset {} of {} (LSNs {}..{}): {lost} record(s) in no session file{}: {}",
+                    l.bytes,
+                    l.offset,
+                    l.segment.display(),
+                    l.lsn_from,
+                    l.lsn_to,
+                    if in_files > 0 {
+                        format!(" ({in_files} more already in session files)")
+                    } else {
+                        String::new()
+                    },
+                    l.why
+                );
+            } else {
+                println!(
+                    "  damaged, not lost: {} bytes at offset {} of {} (LSNs {}..{}): its {in_files} record(s) \
+                     were already in session files: {}",
+                    l.bytes,
+                    l.offset,
+                    l.segment.display(),
+                    l.lsn_from,
+                    l.lsn_to,
+                    l.why
+                );
+            }
+        }
+        println!(
+            "salvage: {records_lost} record(s) {}; {records_in_files} damaged record(s) were already in session files \
+             (not lost)",
+            if args.dry_run { "would be lost" } else { "lost" }
+        );
     }
     for (session, s) in &replayer.per_session {
         if s.replayed > 0 || s.bytes_trimmed > 0 {

@@ -327,8 +327,9 @@ pub struct RecoverArgs {
     #[arg(long, alias = "check")]
     pub dry_run: bool,
     /// On mid-log corruption, keep every readable record, move the damaged
-    /// WAL aside (never deleted) and report exactly what was lost.
-    #[arg(long, conflicts_with = "dry_run")]
+    /// WAL aside (never deleted) and report exactly what was lost. With
+    /// `--dry-run`: report what salvage would keep and lose; change nothing.
+    #[arg(long)]
     pub salvage: bool,
     /// Move the metadata store aside and rebuild it from the session files
     /// and the WAL.

@@ -51,11 +51,26 @@ pub enum Tree {
     Compressions,
     /// big-endian u64 id → [`Event`], until Redis accepted it.
     Outbox,
+    /// Single values about the WAL, e.g. [`MATERIALIZED_BELOW_LSN_KEY`].
+    Marks,
 }
+
+/// Key in [`Tree::Marks`]: every WAL record with a lower LSN is in its
+/// session's file, fdatasynced and checkpointed (big-endian u64). Written
+/// with the flush that makes those checkpoints durable, before WAL segments
+/// are deleted; salvage uses it to tell a damaged record that is already in
+/// a session file from one that is lost.
+pub const MATERIALIZED_BELOW_LSN_KEY: &[u8] = b"materialized_below_lsn";
 
 impl Tree {
     /// Every tree.
-    pub const ALL: [Tree; 4] = [Tree::Checkpoints, Tree::Rotations, Tree::Compressions, Tree::Outbox];
+    pub const ALL: [Tree; 5] = [
+        Tree::Checkpoints,
+        Tree::Rotations,
+        Tree::Compressions,
+        Tree::Outbox,
+        Tree::Marks,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -63,6 +78,7 @@ impl Tree {
             Tree::Rotations => "rotations",
             Tree::Compressions => "compressions",
             Tree::Outbox => "outbox",
+            Tree::Marks => "marks",
         }
     }
 }
@@ -146,6 +162,14 @@ pub trait MetaStore: Send + Sync + 'static {
         rows.iter()
             .map(|(k, v)| Ok((String::from_utf8_lossy(k).into_owned(), dec(Tree::Checkpoints, k, v)?)))
             .collect()
+    }
+    /// Every WAL record below this LSN was materialized and checkpointed
+    /// (0: unknown). See [`MATERIALIZED_BELOW_LSN_KEY`].
+    fn materialized_below_lsn(&self) -> Result<u64, MetaError> {
+        Ok(self
+            .get(Tree::Marks, MATERIALIZED_BELOW_LSN_KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes))
     }
     /// The session's rotation recorded but not finished, if any.
     fn rotation(&self, session: &str) -> Result<Option<Rotation>, MetaError> {
@@ -268,6 +292,16 @@ pub fn compress_op(name: &str, job: Option<&CompressJob>) -> Op {
 /// The op that appends an event to the outbox under `id`.
 pub fn event_op(id: u64, event: &Event) -> Op {
     (Tree::Outbox, id.to_be_bytes().to_vec(), Some(enc(event)))
+}
+
+/// The op that records that every WAL record below `lsn` is materialized
+/// and checkpointed (durable after the next `flush`).
+pub fn materialized_below_op(lsn: u64) -> Op {
+    (
+        Tree::Marks,
+        MATERIALIZED_BELOW_LSN_KEY.to_vec(),
+        Some(lsn.to_be_bytes().to_vec()),
+    )
 }
 
 /// The op that removes a delivered event.

@@ -507,7 +507,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let m = metrics.clone();
         tokio::task::spawn_blocking(move || {
             let mut replayer = Replayer::new(fs.clone(), &log_dir, meta).with_lifecycle(life);
-            let out = recovery::run(fs, &wal_dir, wal_opts, &mut replayer, |_| {});
+            let out = recovery::run(fs, &wal_dir, wal_opts, &mut replayer, |_| {}).map_err(|e| {
+                let integrity = e.is_integrity();
+                let e = anyhow::Error::new(e);
+                if integrity {
+                    e.context(
+                        "refusing to start: the WAL is damaged in the middle. Next: `logd recover --dry-run` \
+                         (changes nothing) to see the damage, then `logd recover --salvage` (add --dry-run first \
+                         to see what it would keep and lose) to keep every readable record, move the damaged WAL \
+                         aside and report what was lost",
+                    )
+                } else {
+                    e
+                }
+            });
             let l = &replayer.lifecycle;
             if l.meta_rebuilt {
                 m.meta_rebuilds.inc();

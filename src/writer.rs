@@ -370,7 +370,11 @@ fn spawn_removal(meta: Arc<dyn MetaStore>, segments: Segments, safe: u64) -> Joi
     tokio::task::spawn_blocking(move || {
         // Checkpoints must be durable before the WAL records they cover go:
         // recovery starts from a checkpoint's offset when it scans a file.
-        if let Err(e) = meta.flush() {
+        // The mark goes with them (salvage reads it).
+        if let Err(e) = meta
+            .apply(vec![crate::meta::materialized_below_op(safe)])
+            .and_then(|()| meta.flush())
+        {
             error!("meta store flush failed, keeping WAL segments: {e}");
             return 0;
         }

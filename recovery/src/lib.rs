@@ -235,14 +235,7 @@ pub fn salvage(
     materializer
         .finish()
         .map_err(|source| Error::Materialize { lsn: 0, source })?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let name = format!(
-        "{}.salvaged-{stamp}",
-        wal_dir.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
-    );
-    let aside = wal_dir.with_file_name(name);
+    let aside = aside_path(wal_dir);
     let io = |op: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source| wal::Error::Io { op, path, source }
@@ -263,6 +256,63 @@ pub fn salvage(
         records: report.records_read,
     });
     Ok((wal, report))
+}
+
+/// Reports what [`salvage`] would do and changes nothing: without
+/// corruption, exactly [`dry_run`]; with it, every readable record is
+/// offered to `materializer` (which must be in a read-only mode) and the
+/// damaged ranges are reported in `lost`. `moved_aside_to` is where the
+/// damaged WAL would go.
+pub fn salvage_dry_run(
+    fs: Arc<dyn Fs>,
+    wal_dir: &Path,
+    opts: WalOptions,
+    materializer: &mut dyn Materializer,
+    mut progress: impl FnMut(Progress),
+) -> Result<Report, Error> {
+    match dry_run(fs.clone(), wal_dir, opts, materializer, &mut progress) {
+        Err(e) if e.is_integrity() => {}
+        other => return other,
+    }
+    let started = Instant::now();
+    materializer
+        .prepare()
+        .map_err(|source| Error::Materialize { lsn: 0, source })?;
+    let mut report = Report::default();
+    let mut failure = None;
+    let salvaged = wal::salvage(fs.as_ref(), wal_dir, opts.record_bytes_max, |rec| {
+        if let Err(source) = count(materializer.apply(rec.lsn, rec.payload), &mut report, rec.payload.len()) {
+            failure = Some(Error::Materialize { lsn: rec.lsn, source });
+            return Err(wal::Error::Closed);
+        }
+        Ok(())
+    });
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    let salvaged = salvaged?;
+    report.segments_scanned = salvaged.segments;
+    report.lost = salvaged.lost;
+    report.moved_aside_to = Some(aside_path(wal_dir));
+    report.elapsed = started.elapsed();
+    progress(Progress {
+        bytes_read: report.bytes_read,
+        bytes_total: report.bytes_read,
+        records: report.records_read,
+    });
+    Ok(report)
+}
+
+/// Where salvage moves a damaged WAL directory: `<wal>.salvaged-<unix s>`.
+fn aside_path(wal_dir: &Path) -> PathBuf {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = format!(
+        "{}.salvaged-{stamp}",
+        wal_dir.file_name().and_then(|n| n.to_str()).unwrap_or("wal")
+    );
+    wal_dir.with_file_name(name)
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -230,3 +230,117 @@ async fn recover_after_a_kill_inside_gzip_reports_and_finishes_exactly_what_serv
     );
     assert_eq!(lifecycle_files(&dir_a), files);
 }
+
+/// Writes 30 frames to one session, stops logd (every frame materialized),
+/// then flips a byte in the payload of the 6th WAL record: damage in the
+/// middle of the WAL, in a region already in the session file. Returns the
+/// damaged segment's name and the record's offset.
+async fn damage_a_materialized_region(dir: &Path) -> (String, u64) {
+    let mut server = Server::start(dir, &[]);
+    let frames = (1..=30)
+        .map(|i| frame("mat", 0, &format!("line {i} {}", "m".repeat(60))))
+        .collect();
+    let mut client = server.client().await;
+    let r = client.write_log_batch(LogBatch { frames }).await.unwrap().into_inner();
+    assert_eq!(r.frames_accepted, 30);
+    drop(client);
+    server.stop_async().await;
+    assert_eq!(read_sessions(dir)["mat"].len(), 30);
+    let wal_dir = dir.join(".logd/wal");
+    let mut recs = Vec::new();
+    wal::read_from(&wal::fs::RealFs, &wal_dir, 0, 16 << 20, |rec| {
+        recs.push((rec.lsn, rec.offset, rec.payload.len() as u64));
+        Ok(())
+    })
+    .unwrap();
+    assert!(recs.len() >= 30, "{} records in the WAL", recs.len());
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segs.sort();
+    assert_eq!(segs.len(), 1, "one segment: {segs:?}");
+    let (_, offset, len) = recs[5];
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    bytes[(offset + 17 + len / 2) as usize] ^= 0x10;
+    std::fs::write(&segs[0], bytes).unwrap();
+    (segs[0].file_name().unwrap().to_str().unwrap().to_string(), offset)
+}
+
+fn output(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Serve refuses mid-log corruption and names the next steps; `recover
+/// --salvage --dry-run` reports what salvage would do and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refusing_a_damaged_wal_names_the_next_steps_and_a_salvage_dry_run_changes_nothing() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let (seg, offset) = damage_a_materialized_region(&dir).await;
+    let refused = Server::try_start(&dir, &[])
+        .err()
+        .expect("serve must refuse a damaged WAL");
+    println!("serve refused: {refused:?}");
+    assert_eq!(refused.status.and_then(|s| s.code()), Some(2));
+    let e = &refused.stderr;
+    assert!(e.contains(&seg) && e.contains(&offset.to_string()), "{e}");
+    let dry = e.find("logd recover --dry-run");
+    let salvage = e.find("logd recover --salvage");
+    assert!(
+        dry.is_some() && salvage.is_some() && dry < salvage,
+        "serve's message names `logd recover --dry-run`, then `logd recover --salvage`:\n{e}"
+    );
+
+    let before = tree(&dir);
+    let out = run_logd(&["recover", "--salvage", "--dry-run"], &dir, &[]);
+    let said = output(&out);
+    println!("recover --salvage --dry-run:\n{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("would be moved aside"), "{said}");
+    assert!(
+        said.contains("1 damaged record(s) were already in session files"),
+        "{said}"
+    );
+    assert!(!said.contains("LOST"), "{said}");
+    let out = run_logd(&["recover", "--salvage", "--dry-run", "--json"], &dir, &[]);
+    let j = json(&out);
+    println!("recover --salvage --dry-run --json: {j}");
+    assert_eq!(tree(&dir), before, "recover --salvage --dry-run changed files");
+    assert_eq!(j["dry_run"], true);
+    assert_eq!(j["salvage"]["records_lost"], 0, "{j}");
+    assert_eq!(j["salvage"]["records_in_session_files"], 1, "{j}");
+    assert!(Server::try_start(&dir, &[]).is_err(), "still damaged after a dry run");
+}
+
+/// A damaged record that is already in its session file is not lost:
+/// salvage says so, reports 0 records lost, and every line stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salvage_of_damage_in_a_materialized_region_reports_nothing_lost() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    damage_a_materialized_region(&dir).await;
+    let out = run_logd(&["recover", "--salvage"], &dir, &[]);
+    let said = output(&out);
+    println!("recover --salvage:\n{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("LOST"), "{said}");
+    assert!(said.contains("0 record(s) lost"), "{said}");
+    assert!(
+        said.contains("1 damaged record(s) were already in session files"),
+        "{said}"
+    );
+    assert!(said.contains("moved aside to"), "{said}");
+    let mut server = Server::start(&dir, &[]);
+    server.stop_async().await;
+    let lines = &read_sessions(&dir)["mat"];
+    assert_eq!(
+        lines.iter().map(|l| l.seq).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+}
