@@ -608,8 +608,10 @@ impl Replayer {
                 (&a.rotation.session, a.rotation.stats.first_seq)
                     .cmp(&(&b.rotation.session, b.rotation.stats.first_seq))
             });
+            let known: std::collections::HashSet<String> =
+                self.lifecycle.compressions_pending.iter().cloned().collect();
             for job in jobs {
-                if !self.lifecycle.compressions_pending.contains(&job.rotation.to) {
+                if !known.contains(&job.rotation.to) {
                     self.lifecycle.compressions_pending.push(job.rotation.to);
                 }
             }
@@ -630,9 +632,10 @@ impl Replayer {
     /// Pending compressions not finished (the service's pool takes them).
     pub fn compressions_left(&self) -> Vec<String> {
         let l = &self.lifecycle;
+        let finished: std::collections::HashSet<&String> = l.compressions_finished.iter().collect();
         l.compressions_pending
             .iter()
-            .filter(|n| !l.compressions_finished.contains(n))
+            .filter(|n| !finished.contains(n))
             .cloned()
             .collect()
     }
