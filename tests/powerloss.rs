@@ -515,6 +515,8 @@ impl World {
     /// Recovery after a crash, a second pass that must change nothing, the
     /// invariants, and the live pipeline for the next phase.
     fn recover_and_check(&mut self) -> Result<Live, String> {
+        self.check_materialized_mark()
+            .map_err(|e| format!("before recovery: {e}"))?;
         let wal = self.recover()?;
         let before = self.snapshot();
         drop(wal);
@@ -531,6 +533,55 @@ impl World {
             .check_state(wal.next_lsn())
             .map_err(|e| format!("after recovery: {e}"))?;
         Ok(self.start(wal, last))
+    }
+
+    /// The `materialized_below_lsn` mark (what salvage trusts to call a
+    /// damaged record not lost), on the state a crash left: every WAL record
+    /// below it is a line in its session's files.
+    fn check_materialized_mark(&mut self) -> Result<(), String> {
+        let mark = self.dmeta.materialized_below_lsn().map_err(|e| e.to_string())?;
+        let mut held: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+        for path in self.fs.list_dir(log_dir()).map_err(|e| e.to_string())? {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+            let session = match (name.strip_suffix(LOGTMP_SUFFIX), parse_rotated_name(&name)) {
+                (Some(s), _) => s.to_owned(),
+                (None, Some(r)) => r.session,
+                _ => continue,
+            };
+            let mut data = self.fs.read_file(&path).expect("listed");
+            if name.ends_with(".gz") {
+                let mut out = Vec::new();
+                flate2::read::GzDecoder::new(data.as_slice())
+                    .read_to_end(&mut out)
+                    .map_err(|e| format!("{name}: not a whole gzip file: {e}"))?;
+                data = out;
+            }
+            let seqs = held.entry(session).or_default();
+            seqs.extend(data.split(|&b| b == b'\n').filter_map(logd::materialize::line_seq));
+        }
+        let mut missing = Vec::new();
+        // A torn tail past the mark may end the read early: that is fine.
+        let _ = wal::read_from(
+            self.dfs.as_ref(),
+            Path::new(WAL_DIR),
+            0,
+            self.opts.record_bytes_max,
+            |rec| {
+                if rec.lsn < mark
+                    && let Ok(f) = <LogFrame as prost::Message>::decode(rec.payload)
+                    && !held.get(&f.session_id).is_some_and(|s| s.contains(&f.seq))
+                {
+                    missing.push((rec.lsn, f.session_id, f.seq));
+                }
+                Ok(())
+            },
+        );
+        ensure!(
+            missing.is_empty(),
+            "WAL records below the materialized mark {mark} are in no session file: {missing:?}"
+        );
+        note!(self, "materialized mark {mark} holds");
+        Ok(())
     }
 
     /// Checks the invariants on the recovered state; returns each session's
@@ -1314,6 +1365,9 @@ impl World {
     /// safe LSN.
     fn remove(&mut self, live: &mut Live) -> Result<(), String> {
         let safe = live.tracker.safe_lsn();
+        self.dmeta
+            .apply(vec![logd::meta::materialized_below_op(safe)])
+            .map_err(|e| e.to_string())?;
         self.dmeta.flush().map_err(|e| e.to_string())?;
         let removed = live.segments.remove_before(safe);
         note!(self, "flush store, remove_before({safe}): {removed:?}");
