@@ -298,6 +298,12 @@ async fn serve_refusing_a_damaged_wal_names_the_next_steps_and_a_salvage_dry_run
     );
 
     let before = tree(&dir);
+    // The first step: a dry run shows the damage and points on to salvage.
+    let out = run_logd(&["recover", "--dry-run"], &dir, &[]);
+    let said = output(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains(&seg) && said.contains(&offset.to_string()), "{said}");
+    assert!(said.contains("logd recover --salvage --dry-run"), "{said}");
     let out = run_logd(&["recover", "--salvage", "--dry-run"], &dir, &[]);
     let said = output(&out);
     println!("recover --salvage --dry-run:\n{said}");
