@@ -22,6 +22,7 @@ use wal::{CommitInfo, RecordType, Stage, Wal};
 
 use crate::meta::MetaStore;
 use crate::pb::LogFrame;
+use crate::validate::SEQ_MAX;
 
 /// What became of one valid frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,9 @@ pub enum Outcome {
     Duplicate,
     /// Answer to a [`IngestRequest::query`]: the session's last seq.
     LastSeq(i64),
+    /// A server seq was asked for, but the session already holds
+    /// [`SEQ_MAX`]: refused, not written (never wrapped).
+    NoSeqLeft,
 }
 
 /// A reply to an [`IngestRequest`]: one outcome per frame, or why the batch
@@ -179,13 +183,20 @@ impl Stage for Sequencer {
         for mut frame in req.frames {
             let last = *self.last_seq.get(&frame.session_id).expect(loaded);
             let seq = match frame.seq {
-                0 => last + 1,
+                0 => match last.checked_add(1).filter(|s| *s <= SEQ_MAX) {
+                    Some(next) => next,
+                    None => {
+                        outcomes.push(Outcome::NoSeqLeft);
+                        continue;
+                    }
+                },
                 s if s <= last => {
                     outcomes.push(Outcome::Duplicate);
                     continue;
                 }
                 s => s,
             };
+            debug_assert!((1..=SEQ_MAX).contains(&seq), "validated: seq {seq} in 1..={SEQ_MAX}");
             frame.seq = seq;
             match wal.append_with(RecordType::Frame, |buf| frame.encode_raw(buf)) {
                 Ok(lsn) => {

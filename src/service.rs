@@ -27,7 +27,7 @@ use crate::pb::{
     LogBatch, LogFrame, Rejection, RotateRequest, RotateResponse, SessionInfo, SessionRange, SessionRequest,
     StatsRequest, StatsResponse, WriteLogAck, WriteLogResponse,
 };
-use crate::validate::validate;
+use crate::validate::{SEQ_MAX, validate};
 use crate::writer::{Control, DispatchStats};
 
 /// Rejections listed in one response (the count is always exact).
@@ -115,6 +115,8 @@ struct Chunk {
     end_index: i64,
     /// Session runs of the chunk's valid frames: (session, frames).
     runs: Vec<(String, usize)>,
+    /// Stream index of each valid frame, in order.
+    indices: Vec<i64>,
     rejections: Vec<Rejection>,
     reply: Option<oneshot::Receiver<IngestReply>>,
     submitted: Instant,
@@ -133,7 +135,8 @@ struct Tally {
 impl Tally {
     fn record(&mut self, session: &str, outcome: Outcome) {
         match outcome {
-            Outcome::LastSeq(_) => {}
+            // Refusals are listed by the caller, in stream order.
+            Outcome::LastSeq(_) | Outcome::NoSeqLeft => {}
             Outcome::Duplicate => self.duplicate += 1,
             Outcome::Accepted(seq) => {
                 self.accepted += 1;
@@ -177,6 +180,7 @@ struct StreamIngest {
     shared: Shared,
     next_index: i64,
     building: Vec<LogFrame>,
+    building_indices: Vec<i64>,
     building_bytes: usize,
     building_rejections: Vec<Rejection>,
     pending: VecDeque<Chunk>,
@@ -194,6 +198,7 @@ impl StreamIngest {
             shared,
             next_index: 0,
             building: Vec::new(),
+            building_indices: Vec::new(),
             building_bytes: 0,
             building_rejections: Vec::new(),
             pending: VecDeque::new(),
@@ -219,6 +224,7 @@ impl StreamIngest {
         self.shared.metrics.bytes_received.inc_by(len as u64);
         self.building_bytes += len;
         self.building.push(frame);
+        self.building_indices.push(index);
     }
 
     fn chunk_full(&self) -> bool {
@@ -235,6 +241,7 @@ impl StreamIngest {
             return Ok(());
         }
         let frames = std::mem::take(&mut self.building);
+        let indices = std::mem::take(&mut self.building_indices);
         let bytes = std::mem::take(&mut self.building_bytes);
         let mut runs: Vec<(String, usize)> = Vec::new();
         for f in &frames {
@@ -286,6 +293,7 @@ impl StreamIngest {
         self.pending.push_back(Chunk {
             end_index: self.next_index,
             runs,
+            indices,
             rejections: std::mem::take(&mut self.building_rejections),
             reply,
             submitted: Instant::now(),
@@ -298,6 +306,7 @@ impl StreamIngest {
         let Some(chunk) = self.pending.front_mut() else {
             return Ok(None);
         };
+        let mut refused = Vec::new();
         if let Some(rx) = chunk.reply.as_mut() {
             let outcomes = match rx.await {
                 Ok(Ok(o)) => o,
@@ -311,15 +320,31 @@ impl StreamIngest {
                 .metrics
                 .ack_latency_seconds
                 .observe(chunk.submitted.elapsed().as_secs_f64());
-            let mut it = outcomes.into_iter();
+            debug_assert_eq!(outcomes.len(), chunk.indices.len(), "one outcome per valid frame");
+            let mut it = outcomes.into_iter().zip(chunk.indices.iter().copied());
             for (session, n) in &chunk.runs {
-                for o in it.by_ref().take(*n) {
+                for (o, index) in it.by_ref().take(*n) {
+                    if o == Outcome::NoSeqLeft {
+                        self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        self.shared.metrics.frames_rejected.with_label_values(&["seq"]).inc();
+                        refused.push(Rejection {
+                            index,
+                            reason: format!(
+                                "no seq left: session {session} holds the largest seq {SEQ_MAX}; \
+                                 a server-assigned seq (seq 0) would pass it"
+                            ),
+                        });
+                    }
                     tally.record(session, o);
                 }
             }
         }
         let chunk = self.pending.pop_front().expect("front exists");
-        for r in chunk.rejections {
+        // Rejections of one chunk come from validation and from the
+        // sequencer: list them in stream order.
+        refused.extend(chunk.rejections);
+        refused.sort_by_key(|r| r.index);
+        for r in refused {
             tally.reject(r);
         }
         Ok(Some(chunk.end_index))

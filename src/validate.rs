@@ -5,6 +5,13 @@ use prost::Message;
 
 use crate::pb::LogFrame;
 
+/// The largest seq a session may hold, client-sent or server-assigned:
+/// 2^53 - 1, the largest integer every JSON reader (JavaScript, jq, any
+/// double-based parser) reads exactly from the session files. A client seq
+/// above it is rejected per frame; a server seq after it is refused per
+/// frame (the session has no seq left), never wrapped.
+pub const SEQ_MAX: i64 = (1 << 53) - 1;
+
 /// Longest session id, in bytes.
 pub const SESSION_ID_BYTES_MAX: usize = 128;
 
@@ -48,6 +55,15 @@ pub fn validate(frame: &LogFrame, frame_bytes_max: usize) -> Result<(), (&'stati
         return Err((
             "seq",
             format!("invalid seq {}: must be >= 0 (0 = server assigns)", frame.seq),
+        ));
+    }
+    if frame.seq > SEQ_MAX {
+        return Err((
+            "seq",
+            format!(
+                "invalid seq {}: exceeds the largest seq {SEQ_MAX} (2^53 - 1, exact in every JSON reader)",
+                frame.seq
+            ),
         ));
     }
     if let Some(t) = &frame.time
@@ -117,6 +133,16 @@ mod tests {
         assert!(validate(&v, 1024).unwrap_err().1.contains("version 2"));
         let s = LogFrame { seq: -1, ..ok.clone() };
         assert!(validate(&s, 1024).unwrap_err().1.contains("seq -1"));
+        let top = LogFrame {
+            seq: SEQ_MAX,
+            ..ok.clone()
+        };
+        assert!(validate(&top, 1024).is_ok());
+        let over = LogFrame {
+            seq: SEQ_MAX + 1,
+            ..ok.clone()
+        };
+        assert!(validate(&over, 1024).unwrap_err().1.contains("exceeds the largest seq"));
         let big = LogFrame {
             content: "x".repeat(2000),
             ..ok.clone()

@@ -5,6 +5,7 @@ mod events;
 mod failstop;
 mod fresh_segment;
 mod fsync_real;
+mod hostile;
 mod ingest;
 mod lifecycle;
 mod ops;
