@@ -184,26 +184,45 @@ async fn shutdown_signal() {
 }
 
 /// Checks `authorization: Bearer <token>` against the accepted tokens in
-/// constant time; `UNAUTHENTICATED` otherwise.
+/// constant time; `UNAUTHENTICATED` otherwise. The scheme matches in any
+/// case (RFC 6750 via RFC 7235); the token is exact. [`TokenAuth::reload`]
+/// (on SIGHUP) swaps the tokens in force for the file's current ones.
 #[derive(Clone)]
 pub struct TokenAuth {
-    tokens: Arc<Vec<Vec<u8>>>,
+    path: PathBuf,
+    tokens: Arc<std::sync::RwLock<Arc<Vec<Vec<u8>>>>>,
+}
+
+/// One token per non-empty line of `path` (surrounding spaces trimmed).
+fn read_tokens(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading token file {}", path.display()))?;
+    let tokens: Vec<Vec<u8>> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.as_bytes().to_vec())
+        .collect();
+    anyhow::ensure!(!tokens.is_empty(), "token file {} holds no token", path.display());
+    Ok(tokens)
 }
 
 impl TokenAuth {
     /// Reads one token per non-empty line of `path`.
     pub fn from_file(path: &Path) -> anyhow::Result<TokenAuth> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading token file {}", path.display()))?;
-        let tokens: Vec<Vec<u8>> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(|l| l.as_bytes().to_vec())
-            .collect();
-        anyhow::ensure!(!tokens.is_empty(), "token file {} holds no token", path.display());
         Ok(TokenAuth {
-            tokens: Arc::new(tokens),
+            path: path.to_path_buf(),
+            tokens: Arc::new(std::sync::RwLock::new(Arc::new(read_tokens(path)?))),
         })
+    }
+
+    /// Reads the file again and puts its tokens in force; on an error (the
+    /// file is unreadable or holds no token) the tokens in force stay.
+    /// Returns how many tokens are in force now.
+    pub fn reload(&self) -> anyhow::Result<usize> {
+        let fresh = Arc::new(read_tokens(&self.path)?);
+        let n = fresh.len();
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(n)
     }
 
     fn check(&self, req: &tonic::Request<()>) -> Result<(), tonic::Status> {
@@ -212,21 +231,46 @@ impl TokenAuth {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start_matches(' '));
         let Some(given) = given else {
             return Err(tonic::Status::unauthenticated(
                 "missing `authorization: Bearer <token>`",
             ));
         };
+        let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner()).clone();
         // Compare against every token without stopping early.
         let mut ok = subtle::Choice::from(0u8);
-        for t in self.tokens.iter() {
+        for t in tokens.iter() {
             ok |= t.as_slice().ct_eq(given.as_bytes());
         }
         if bool::from(ok) {
             Ok(())
         } else {
             Err(tonic::Status::unauthenticated("invalid token"))
+        }
+    }
+}
+
+/// Reloads the token file on every SIGHUP until `stop`. Without a token
+/// file SIGHUP only logs (it never stops logd).
+async fn reload_tokens_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    auth: Option<TokenAuth>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            got = hup.recv() => if got.is_none() { return },
+            _ = stop.cancelled() => return,
+        }
+        match &auth {
+            None => info!("SIGHUP: no LOGD_AUTH_TOKEN_FILE, nothing to reload"),
+            Some(a) => match a.reload() {
+                Ok(n) => info!(tokens = n, file = %a.path.display(), "SIGHUP: reloaded the token file"),
+                Err(e) => error!("SIGHUP: token file not reloaded ({e:#}); keeping the tokens in force"),
+            },
         }
     }
 }
@@ -419,6 +463,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     std::fs::set_permissions(&state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .with_context(|| format!("chmod 0700 {}", state_dir.display()))?;
     let auth = Auth(args.auth_token_file.as_deref().map(TokenAuth::from_file).transpose()?);
+    // Installed before the port opens: from then on SIGHUP reloads tokens
+    // and never takes its default action (terminating logd).
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
     let tls = tls_config(&args)?;
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
@@ -468,12 +515,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("TLS configuration")?;
     }
+    let auth_for_reload = auth.0.clone();
     let token = shutdown.clone();
     let reporter = health_reporter.clone();
     let wal_failed = fatal.clone();
     let server = builder
         .add_service(health_svc)
-        .add_service(reflection)
+        // Reflection describes the services: behind the token like them.
+        // Health stays open for load balancers and probes.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection,
+            auth.clone(),
+        ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             log_svc,
             auth.clone(),
@@ -491,6 +544,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             token.cancel();
         });
     let mut server = tokio::spawn(server);
+    let reloader = tokio::spawn(reload_tokens_on_sighup(hup, auth_for_reload, shutdown.clone()));
     // Scripts and tests wait for "listening on"; it is printed once the
     // service is ready. Health checks can reach the port before that.
     println!("logd: recovering on {addr}");
@@ -702,6 +756,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         m.await?;
     }
     watcher.await?;
+    reloader.await?;
     inflight.await?;
     if let Some(m) = metrics_server {
         m.await??;

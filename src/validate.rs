@@ -12,6 +12,13 @@ use crate::pb::LogFrame;
 /// frame (the session has no seq left), never wrapped.
 pub const SEQ_MAX: i64 = (1 << 53) - 1;
 
+/// First second of year 0000 (unix seconds): RFC 3339 writes four-digit
+/// years only, so a `time` before it (or after [`TIME_SECONDS_MAX`]) is
+/// rejected per frame.
+pub const TIME_SECONDS_MIN: i64 = -62_167_219_200;
+/// Last second of year 9999 (unix seconds), `9999-12-31T23:59:59Z`.
+pub const TIME_SECONDS_MAX: i64 = 253_402_300_799;
+
 /// Longest session id, in bytes.
 pub const SESSION_ID_BYTES_MAX: usize = 128;
 
@@ -67,11 +74,15 @@ pub fn validate(frame: &LogFrame, frame_bytes_max: usize) -> Result<(), (&'stati
         ));
     }
     if let Some(t) = &frame.time
-        && (!(0..1_000_000_000).contains(&t.nanos) || chrono::DateTime::from_timestamp(t.seconds, 0).is_none())
+        && (!(0..1_000_000_000).contains(&t.nanos) || !(TIME_SECONDS_MIN..=TIME_SECONDS_MAX).contains(&t.seconds))
     {
         return Err((
             "time",
-            format!("invalid time {}s {}ns: out of range", t.seconds, t.nanos),
+            format!(
+                "invalid time {}s {}ns: outside 0000-01-01T00:00:00Z..=9999-12-31T23:59:59.999999999Z \
+                 (RFC 3339 has four-digit years; nanos in 0..=999999999)",
+                t.seconds, t.nanos
+            ),
         ));
     }
     let len = frame.encoded_len();
