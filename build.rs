@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
 
     tonic_prost_build::configure()
+        // prost's codec, with decode errors as INVALID_ARGUMENT naming the
+        // message (src/codec.rs).
+        .codec_path("crate::codec::LogdCodec")
         .file_descriptor_set_path(out_dir.join("logging_v1_descriptor.bin"))
         .compile_protos(
             &["proto/logging/v1/logging.proto", "proto/logging/v1/admin.proto"],

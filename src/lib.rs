@@ -9,6 +9,7 @@
 //! and runs the recovery pass (crate `recovery`) before serving.
 
 pub mod bench;
+pub mod codec;
 pub mod config;
 pub mod events;
 pub mod ingest;

@@ -345,3 +345,199 @@ async fn with_tokens_on_reflection_needs_a_token_and_health_stays_open_for_balan
     );
     server.stop_async().await;
 }
+
+// ---------------------------------------------------------------------------
+// Messages that do not decode (issue 12, item 19)
+// ---------------------------------------------------------------------------
+
+/// Sends pre-encoded messages as they are; decodes replies with prost.
+struct RawCodec<R>(std::marker::PhantomData<R>);
+
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl<R: prost::Message + Default + Send + 'static> tonic::codec::Codec for RawCodec<R> {
+    type Encode = Vec<u8>;
+    type Decode = R;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<R>;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+fn raw_codec<R>() -> RawCodec<R> {
+    RawCodec(std::marker::PhantomData)
+}
+
+const PLACEHOLDER: &[u8] = b"@@BAD-UTF8@@";
+
+/// `message` encoded, with the placeholder bytes replaced by invalid UTF-8.
+fn with_bad_utf8(message: &impl prost::Message) -> Vec<u8> {
+    let mut raw = message.encode_to_vec();
+    let at = raw
+        .windows(PLACEHOLDER.len())
+        .position(|w| w == PLACEHOLDER)
+        .expect("the placeholder is in the message");
+    raw[at..at + PLACEHOLDER.len()].fill(0xff);
+    raw
+}
+
+/// A frame whose metadata nests lists `depth` deep (prost decodes 100 levels).
+fn deeply_nested(session: &str, depth: usize) -> LogFrame {
+    use prost_types::{ListValue, Struct, Value, value::Kind};
+    let mut v = Value {
+        kind: Some(Kind::StringValue("deep".into())),
+    };
+    for _ in 0..depth {
+        v = Value {
+            kind: Some(Kind::ListValue(ListValue { values: vec![v] })),
+        };
+    }
+    LogFrame {
+        metadata: Some(Struct {
+            fields: [("k".to_owned(), v)].into(),
+        }),
+        ..frame(session, 0, "nested")
+    }
+}
+
+async fn raw_grpc(server: &Server) -> tonic::client::Grpc<Channel> {
+    let mut grpc = tonic::client::Grpc::new(connect(server).await);
+    grpc.ready().await.expect("ready");
+    grpc
+}
+
+fn path(method: &str) -> tonic::codegen::http::uri::PathAndQuery {
+    tonic::codegen::http::uri::PathAndQuery::try_from(format!("/logging.v1.LogService/{method}")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_does_not_decode_is_invalid_argument_with_its_index_after_what_came_before_is_settled() {
+    use logd::pb::{SessionInfo, SessionRequest, WriteLogAck};
+    use prost::Message;
+    let td = TestDir::new();
+    let mut server = Server::start(&td.log_dir(), &[]);
+
+    // Client streaming: 5 good frames, one with invalid UTF-8 in `content`,
+    // then one more.
+    let mut msgs: Vec<Vec<u8>> = (0..5)
+        .map(|i| frame("cs", 0, &format!("s{i}")).encode_to_vec())
+        .collect();
+    msgs.push(with_bad_utf8(&frame(
+        "cs",
+        0,
+        std::str::from_utf8(PLACEHOLDER).unwrap(),
+    )));
+    msgs.push(frame("cs", 0, "after").encode_to_vec());
+    let err = raw_grpc(&server)
+        .await
+        .client_streaming::<_, Vec<u8>, WriteLogResponse, _>(
+            tonic::Request::new(tokio_stream::iter(msgs)),
+            path("WriteLogStream"),
+            raw_codec(),
+        )
+        .await
+        .expect_err("WriteLogStream with a message that does not decode");
+    eprintln!("WriteLogStream: {err:?}");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("stream message 5 does not decode as a LogFrame"),
+        "{err:?}"
+    );
+    assert!(
+        err.message().contains("5 frame(s) of this call were made durable"),
+        "{err:?}"
+    );
+
+    // Bidi: 5 good frames, one nested past prost's limit, then one more:
+    // the 5 are acked before the error.
+    let mut msgs: Vec<Vec<u8>> = (0..5)
+        .map(|i| frame("bd", 0, &format!("b{i}")).encode_to_vec())
+        .collect();
+    msgs.push(deeply_nested("bd", 120).encode_to_vec());
+    msgs.push(frame("bd", 0, "after").encode_to_vec());
+    let mut acks = raw_grpc(&server)
+        .await
+        .streaming::<_, Vec<u8>, WriteLogAck, _>(
+            tonic::Request::new(tokio_stream::iter(msgs)),
+            path("WriteLogBidi"),
+            raw_codec(),
+        )
+        .await
+        .expect("WriteLogBidi")
+        .into_inner();
+    let (mut through, mut accepted) = (0, 0);
+    let err = loop {
+        match acks.message().await {
+            Ok(Some(ack)) => (through, accepted) = (ack.through_index, ack.frames_accepted),
+            Ok(None) => panic!("WriteLogBidi ended without an error (acked through {through})"),
+            Err(e) => break e,
+        }
+    };
+    eprintln!("WriteLogBidi: {err:?}");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("stream message 5 does not decode as a LogFrame"),
+        "{err:?}"
+    );
+    assert_eq!(
+        (through, accepted),
+        (5, 5),
+        "the 5 good frames are acked before the error"
+    );
+
+    // Unary: decoded before the handler runs, so the batch is refused whole;
+    // the error names the frame.
+    let bad_batch = with_bad_utf8(&LogBatch {
+        frames: vec![
+            frame("un", 0, "u0"),
+            frame("un", 0, "u1"),
+            frame("un", 0, std::str::from_utf8(PLACEHOLDER).unwrap()),
+            frame("un", 0, "u3"),
+        ],
+    });
+    let err = raw_grpc(&server)
+        .await
+        .unary::<Vec<u8>, WriteLogResponse, _>(tonic::Request::new(bad_batch), path("WriteLogBatch"), raw_codec())
+        .await
+        .expect_err("WriteLogBatch with a frame that does not decode");
+    eprintln!("WriteLogBatch: {err:?}");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("frame 2 of the batch does not decode as a LogFrame"),
+        "{err:?}"
+    );
+    assert!(err.message().contains("none of its frames was written"), "{err:?}");
+
+    // GetSession knows what was kept.
+    let mut client = server.client().await;
+    for (session, last) in [("cs", 5), ("bd", 5), ("un", 0)] {
+        let info: SessionInfo = client
+            .get_session(SessionRequest {
+                session_id: session.into(),
+            })
+            .await
+            .expect("GetSession")
+            .into_inner();
+        assert_eq!(info.last_seq, last, "{session}");
+    }
+    server.stop_async().await;
+    let contents = |s: &str| -> Vec<String> { seqs_and_contents(&td.log_dir(), s).into_iter().map(|x| x.1).collect() };
+    assert_eq!(contents("cs"), ["s0", "s1", "s2", "s3", "s4"]);
+    assert_eq!(contents("bd"), ["b0", "b1", "b2", "b3", "b4"]);
+    assert!(contents("un").is_empty());
+}
