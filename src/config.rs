@@ -178,6 +178,11 @@ pub struct ServeArgs {
     /// Concurrent client connections accepted; more wait in the backlog.
     #[arg(long, env = "LOGD_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
+    /// A connection must bring its first request (TLS and HTTP/2 handshakes
+    /// included) within this many milliseconds of being accepted, or it is
+    /// closed and its LOGD_MAX_CONNECTIONS slot freed.
+    #[arg(long, env = "LOGD_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
     /// Concurrent streams per HTTP/2 connection.
     #[arg(long, env = "LOGD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
@@ -303,6 +308,9 @@ impl ServeArgs {
         }
         if self.compression_sweep_interval_ms == 0 {
             return Err("LOGD_COMPRESSION_SWEEP_INTERVAL_MS must be > 0".into());
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err("LOGD_HANDSHAKE_TIMEOUT_MS must be > 0".into());
         }
         if self.inflight_bytes_max < self.store.max_frame_bytes {
             return Err(format!(

@@ -275,16 +275,18 @@ async fn reload_tokens_on_sighup(
     }
 }
 
-/// A tonic interceptor: the token check, or nothing.
+/// A tonic interceptor: the token check, or nothing. A request that
+/// passes it ends its connection's handshake timeout.
 #[derive(Clone)]
 struct Auth(Option<TokenAuth>);
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        match &self.0 {
-            Some(a) => a.check(&req).map(|()| req),
-            None => Ok(req),
+        if let Some(a) = &self.0 {
+            a.check(&req)?;
         }
+        ConnInfo::of(&req).inspect(|c| c.mark_served());
+        Ok(req)
     }
 }
 
@@ -337,22 +339,34 @@ async fn watch_disk(watch: DiskWatch, stop: CancellationToken) {
     }
 }
 
-/// Accepted connections bounded by a semaphore (LOGD_MAX_CONNECTIONS).
+/// Accepted connections bounded by a semaphore (LOGD_MAX_CONNECTIONS); each
+/// must bring its first request (TLS and HTTP/2 handshakes included) within
+/// `handshake_timeout` (LOGD_HANDSHAKE_TIMEOUT_MS) or it is closed and its
+/// slot freed: idle sockets cannot hold every slot.
 fn limited_incoming(
     listener: tokio::net::TcpListener,
     max: usize,
+    handshake_timeout: Duration,
+    timeouts: prometheus::IntCounter,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<LimitedConn>> {
     let slots = Arc::new(Semaphore::new(max));
-    futures::stream::unfold((listener, slots), |(listener, slots)| async move {
-        let permit = slots.clone().acquire_owned().await.expect("never closed");
-        let res = listener.accept().await.map(|(stream, _)| {
-            let _ = stream.set_nodelay(true);
-            LimitedConn {
-                stream,
-                _permit: permit,
-            }
-        });
-        Some((res, (listener, slots)))
+    futures::stream::unfold((listener, slots), move |(listener, slots)| {
+        let timeouts = timeouts.clone();
+        async move {
+            let permit = slots.clone().acquire_owned().await.expect("never closed");
+            let res = listener.accept().await.map(|(stream, _)| {
+                let _ = stream.set_nodelay(true);
+                LimitedConn {
+                    stream,
+                    _permit: permit,
+                    handshake: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+                    handshake_timeout,
+                    served: Arc::new(AtomicBool::new(false)),
+                    timeouts,
+                }
+            });
+            Some((res, (listener, slots)))
+        }
     })
 }
 
@@ -360,6 +374,36 @@ fn limited_incoming(
 pub struct LimitedConn {
     stream: tokio::net::TcpStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Armed until the connection's first request passed the interceptor.
+    handshake: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    handshake_timeout: Duration,
+    served: Arc<AtomicBool>,
+    timeouts: prometheus::IntCounter,
+}
+
+/// What the services learn of a connection: its TCP info, and the flag that
+/// ends its handshake timeout.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// Addresses.
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    served: Arc<AtomicBool>,
+}
+
+impl ConnInfo {
+    /// The connection a request came on (plaintext or TLS).
+    fn of<T>(req: &tonic::Request<T>) -> Option<&ConnInfo> {
+        let ext = req.extensions();
+        ext.get::<ConnInfo>().or_else(|| {
+            ext.get::<tonic::transport::server::TlsConnectInfo<ConnInfo>>()
+                .map(|t| t.get_ref())
+        })
+    }
+
+    /// The connection brought a request: no handshake timeout any more.
+    fn mark_served(&self) {
+        self.served.store(true, Ordering::Relaxed);
+    }
 }
 
 impl tokio::io::AsyncRead for LimitedConn {
@@ -368,7 +412,25 @@ impl tokio::io::AsyncRead for LimitedConn {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(deadline) = this.handshake.as_mut() {
+            if this.served.load(Ordering::Relaxed) {
+                this.handshake = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                this.handshake = None;
+                this.timeouts.inc();
+                // Dropping the connection (hyper does on a read error)
+                // frees its slot.
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no request within LOGD_HANDSHAKE_TIMEOUT_MS ({} ms) of accepting the connection; closed",
+                        this.handshake_timeout.as_millis()
+                    ),
+                )));
+            }
+        }
+        std::pin::Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -405,9 +467,12 @@ impl tokio::io::AsyncWrite for LimitedConn {
 }
 
 impl tonic::transport::server::Connected for LimitedConn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        ConnInfo {
+            tcp: self.stream.connect_info(),
+            served: self.served.clone(),
+        }
     }
 }
 
@@ -417,7 +482,9 @@ fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<tonic::transport::Serve
     };
     let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    let mut tls = tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(Duration::from_millis(args.handshake_timeout_ms));
     if let Some(ca) = &args.tls_client_ca {
         tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
     }
@@ -520,7 +587,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let reporter = health_reporter.clone();
     let wal_failed = fatal.clone();
     let server = builder
-        .add_service(health_svc)
+        // Open (no token), but its requests end the handshake timeout.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            health_svc,
+            Auth(None),
+        ))
         // Reflection describes the services: behind the token like them.
         // Health stays open for load balancers and probes.
         .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -532,17 +603,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             auth.clone(),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(admin_svc, auth))
-        .serve_with_incoming_shutdown(limited_incoming(listener, args.max_connections), async move {
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = wal_failed.cancelled() => {}
-            }
-            reporter
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-            reporter.set_not_serving::<LogServiceServer<LogSvc>>().await;
-            token.cancel();
-        });
+        .serve_with_incoming_shutdown(
+            limited_incoming(
+                listener,
+                args.max_connections,
+                Duration::from_millis(args.handshake_timeout_ms),
+                metrics.errors.with_label_values(&["handshake_timeout"]),
+            ),
+            async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = wal_failed.cancelled() => {}
+                }
+                reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                reporter.set_not_serving::<LogServiceServer<LogSvc>>().await;
+                token.cancel();
+            },
+        );
     let mut server = tokio::spawn(server);
     let reloader = tokio::spawn(reload_tokens_on_sighup(hup, auth_for_reload, shutdown.clone()));
     // Scripts and tests wait for "listening on"; it is printed once the

@@ -541,3 +541,86 @@ async fn a_message_that_does_not_decode_is_invalid_argument_with_its_index_after
     assert_eq!(contents("bd"), ["b0", "b1", "b2", "b3", "b4"]);
     assert!(contents("un").is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// Idle sockets (issue 12, item 18)
+// ---------------------------------------------------------------------------
+
+/// Reads from `s` until the server closes it or `within` passes; true if closed.
+fn closed_within(s: &mut std::net::TcpStream, within: std::time::Duration) -> bool {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_send_the_http2_preface_are_closed_after_the_handshake_timeout_and_free_their_slots() {
+    const LIMIT: usize = 4;
+    const TIMEOUT_MS: u64 = 1000;
+    let td = TestDir::new();
+    let mut server = Server::start(
+        &td.log_dir(),
+        &[("LOGD_MAX_CONNECTIONS", "4"), ("LOGD_HANDSHAKE_TIMEOUT_MS", "1000")],
+    );
+    let hp = server.addr.trim_start_matches("http://").to_owned();
+    // More idle sockets than the limit: they hold every slot, and the rest
+    // wait in the backlog.
+    let mut idle: Vec<std::net::TcpStream> = (0..LIMIT + 3)
+        .map(|_| std::net::TcpStream::connect(&hp).expect("connect"))
+        .collect();
+
+    // A real client is served within the timeout plus a margin.
+    let started = std::time::Instant::now();
+    let margin = std::time::Duration::from_secs(10);
+    let within = std::time::Duration::from_millis(TIMEOUT_MS) + margin;
+    let served = tokio::time::timeout(within, async {
+        let ch = tonic::transport::Endpoint::from_shared(server.addr.clone())
+            .unwrap()
+            .connect()
+            .await?;
+        let mut client = LogServiceClient::new(ch);
+        let r = client
+            .write_log_batch(LogBatch {
+                frames: vec![frame("through", 0, "served")],
+            })
+            .await
+            .map_err(|s| Box::new(s) as Box<dyn std::error::Error + Send + Sync>)?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(r.into_inner())
+    })
+    .await;
+    let resp = match served {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => panic!("the client failed: {e}"),
+        Err(_) => panic!(
+            "a real client was not served within {within:?} while {} idle sockets were open",
+            idle.len()
+        ),
+    };
+    assert_eq!(resp.frames_accepted, 1);
+    eprintln!("served after {:?}", started.elapsed());
+
+    // The idle sockets themselves are closed by the server.
+    for (i, s) in idle.iter_mut().enumerate() {
+        assert!(
+            closed_within(s, within),
+            "idle socket {i} still open {within:?} after it could have been closed"
+        );
+    }
+    server.stop_async().await;
+    assert_eq!(seqs_and_contents(&td.log_dir(), "through"), [(1, "served".to_owned())]);
+}
