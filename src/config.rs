@@ -183,6 +183,11 @@ pub struct ServeArgs {
     /// closed and its LOGD_MAX_CONNECTIONS slot freed.
     #[arg(long, env = "LOGD_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
+    /// Sessions active at once (a writer task and an open file each, or a
+    /// first frame on its way); a frame for a new session beyond it is
+    /// refused with RESOURCE_EXHAUSTED until idle sessions close.
+    #[arg(long, env = "LOGD_SESSIONS_ACTIVE_MAX", default_value_t = 10_000)]
+    pub sessions_active_max: usize,
     /// Concurrent streams per HTTP/2 connection.
     #[arg(long, env = "LOGD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
@@ -308,6 +313,9 @@ impl ServeArgs {
         }
         if self.compression_sweep_interval_ms == 0 {
             return Err("LOGD_COMPRESSION_SWEEP_INTERVAL_MS must be > 0".into());
+        }
+        if self.sessions_active_max == 0 {
+            return Err("LOGD_SESSIONS_ACTIVE_MAX must be > 0".into());
         }
         if self.handshake_timeout_ms == 0 {
             return Err("LOGD_HANDSHAKE_TIMEOUT_MS must be > 0".into());

@@ -20,6 +20,7 @@ pub mod mirror;
 pub mod rotate;
 pub mod server;
 pub mod service;
+pub mod sessions;
 pub mod target;
 pub mod validate;
 pub mod writer;

@@ -708,6 +708,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let commit = wal::GroupCommit::start(wal, sequencer, COMMIT_BATCH_REQUESTS_MAX);
     let (compress_tx, compress_rx) = mpsc::channel(COMPRESS_QUEUE_MAX);
     let events_added = Arc::new(Notify::new());
+    let active_sessions = Arc::new(crate::sessions::ActiveSessions::new(args.sessions_active_max));
     let writer_cfg = WriterConfig {
         fs: fs.clone(),
         log_dir: store.log_dir.clone(),
@@ -724,6 +725,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stats: dispatch_stats.clone(),
         budget: budget.clone(),
         checkpoints: crate::meta::CheckpointBatcher::start(meta.clone()),
+        active: active_sessions.clone(),
     };
     let pool_stop = CancellationToken::new();
     let pool = tokio::spawn(run_compression_pool(
@@ -807,6 +809,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         disk_low,
         stream_blocked_max: Duration::from_millis(args.stream_blocked_max_ms),
         stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_seconds),
+        active_sessions,
+        idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
     });
     if !shutdown.is_cancelled() {
         health_reporter.set_serving::<LogServiceServer<LogSvc>>().await;

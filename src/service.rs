@@ -76,6 +76,10 @@ pub struct Shared {
     pub stream_blocked_max: Duration,
     /// A stream that sends nothing this long is closed.
     pub stream_idle_timeout: Duration,
+    /// Slots of LOGD_SESSIONS_ACTIVE_MAX.
+    pub active_sessions: Arc<crate::sessions::ActiveSessions>,
+    /// LOG_IDLE_TIMEOUT_SECONDS: when an idle session frees its slot.
+    pub idle_timeout: Duration,
 }
 
 /// A `RESOURCE_EXHAUSTED` status that tells the client when to retry.
@@ -184,6 +188,8 @@ struct StreamIngest {
     building_bytes: usize,
     building_rejections: Vec<Rejection>,
     pending: VecDeque<Chunk>,
+    /// The session of the last frame that got an active-session slot.
+    last_admitted: String,
 }
 
 fn wal_unavailable(why: &str, index: i64) -> Status {
@@ -202,20 +208,47 @@ impl StreamIngest {
             building_bytes: 0,
             building_rejections: Vec::new(),
             pending: VecDeque::new(),
+            last_admitted: String::new(),
         }
     }
 
-    /// Validates a frame into the chunk being built.
-    fn push(&mut self, mut frame: LogFrame) {
+    /// Validates a frame into the chunk being built. Err: the frame's
+    /// session is new and LOGD_SESSIONS_ACTIVE_MAX sessions are active; the
+    /// frame is not taken and the call must end (after settling what came
+    /// before it) with this RESOURCE_EXHAUSTED.
+    fn push(&mut self, mut frame: LogFrame) -> Result<(), Status> {
         let index = self.next_index;
-        self.next_index += 1;
         self.shared.metrics.frames_received.inc();
         if let Err((rule, reason)) = validate(&frame, self.shared.frame_bytes_max) {
+            self.next_index += 1;
             self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
             self.shared.metrics.frames_rejected.with_label_values(&[rule]).inc();
             self.building_rejections.push(Rejection { index, reason });
-            return;
+            return Ok(());
         }
+        if frame.session_id != self.last_admitted {
+            if let Err(full) = self.shared.active_sessions.admit(&frame.session_id) {
+                self.shared
+                    .metrics
+                    .errors
+                    .with_label_values(&["sessions_active_max"])
+                    .inc();
+                return Err(resource_exhausted(
+                    format!(
+                        "{} sessions are active (LOGD_SESSIONS_ACTIVE_MAX {}): session {:?} at stream index {index} \
+                         would be one more; frames from index {index} on were not accepted; an idle session \
+                         frees its slot after LOG_IDLE_TIMEOUT_SECONDS ({}s)",
+                        full.active,
+                        full.max,
+                        frame.session_id,
+                        self.shared.idle_timeout.as_secs()
+                    ),
+                    Duration::from_secs(1),
+                ));
+            }
+            self.last_admitted.clone_from(&frame.session_id);
+        }
+        self.next_index += 1;
         if frame.time.is_none() {
             frame.time = Some(prost_types::Timestamp::from(SystemTime::now()));
         }
@@ -225,6 +258,7 @@ impl StreamIngest {
         self.building_bytes += len;
         self.building.push(frame);
         self.building_indices.push(index);
+        Ok(())
     }
 
     fn chunk_full(&self) -> bool {
@@ -366,10 +400,10 @@ fn push_ready(
     stream: &mut Streaming<LogFrame>,
     first: Result<LogFrame, Status>,
 ) -> Result<bool, Status> {
-    ingest.push(first?);
+    ingest.push(first?)?;
     while !ingest.chunk_full() {
         match ready_frame(stream) {
-            Some(Some(f)) => ingest.push(f?),
+            Some(Some(f)) => ingest.push(f?)?,
             Some(None) => return Ok(true),
             None => break,
         }
@@ -485,7 +519,13 @@ impl LogService for LogSvc {
         let mut ingest = StreamIngest::new(shared);
         let mut tally = Tally::default();
         for frame in batch.frames {
-            ingest.push(frame);
+            if let Err(refused) = ingest.push(frame) {
+                let refused = match ingest.submit().await {
+                    Ok(()) => refused,
+                    Err(other) => other,
+                };
+                return Err(settle_then(&mut ingest, &mut tally, refused).await);
+            }
             if ingest.chunk_full()
                 && let Err(refused) = ingest.submit().await
             {

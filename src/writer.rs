@@ -78,6 +78,8 @@ pub struct WriterConfig {
     pub budget: Arc<Semaphore>,
     /// Where writers put their checkpoints (batched into `meta`).
     pub checkpoints: crate::meta::CheckpointBatcher,
+    /// Slots of LOGD_SESSIONS_ACTIVE_MAX: told when writers start and stop.
+    pub active: Arc<crate::sessions::ActiveSessions>,
 }
 
 /// Live counters of the dispatcher, writers and compression pool.
@@ -261,11 +263,13 @@ pub async fn run_dispatcher(
                     if writers.get(&session).is_some_and(|w| w.tx.is_closed()) {
                         writers.remove(&session);
                         tracker.forget(&session);
+                        cfg.active.writer_stopped(&session);
                     }
                 }
             },
             _ = tick.tick() => {
                 stats.active_sessions.store(writers.len() as u64, Ordering::Relaxed);
+                cfg.active.expire_reservations(crate::sessions::RESERVATION_TTL);
                 let safe = tracker.safe_lsn();
                 stats.removable_below_lsn.store(safe, Ordering::Relaxed);
                 if let Some(h) = &removal && h.is_finished() {
@@ -351,6 +355,7 @@ fn writer_for<'a>(
         None
     };
     writers.entry(session.to_owned()).or_insert_with(|| {
+        cfg.active.writer_started(session);
         let (tx, rx) = mpsc::unbounded_channel();
         let join = tokio::spawn(run_writer(
             cfg.clone(),

@@ -624,3 +624,93 @@ async fn sockets_that_never_send_the_http2_preface_are_closed_after_the_handshak
     server.stop_async().await;
     assert_eq!(seqs_and_contents(&td.log_dir(), "through"), [(1, "served".to_owned())]);
 }
+
+// ---------------------------------------------------------------------------
+// Limits on state (issue 12, item 7)
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_beyond_logd_sessions_active_max_is_resource_exhausted_until_an_idle_one_closes() {
+    let td = TestDir::new();
+    let mut server = Server::start(
+        &td.log_dir(),
+        &[("LOGD_SESSIONS_ACTIVE_MAX", "3"), ("LOG_IDLE_TIMEOUT_SECONDS", "2")],
+    );
+    let mut client = server.client().await;
+    let r = batch(
+        &mut client,
+        vec![frame("a", 0, "a1"), frame("b", 0, "b1"), frame("c", 0, "c1")],
+    )
+    .await;
+    assert_eq!(r.frames_accepted, 3);
+
+    // Unary: the frames before the fourth session's are kept and counted.
+    let err = client
+        .write_log_batch(LogBatch {
+            frames: vec![frame("a", 0, "a2"), frame("d", 0, "d1"), frame("b", 0, "b2")],
+        })
+        .await
+        .expect_err("a fourth session");
+    eprintln!("WriteLogBatch: {err:?}");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    for want in [
+        "3 sessions are active (LOGD_SESSIONS_ACTIVE_MAX 3)",
+        "session \"d\" at stream index 1",
+        "1 frame(s) of this call were made durable",
+    ] {
+        assert!(err.message().contains(want), "{want:?} not in {err:?}");
+    }
+    assert!(
+        tonic_types::StatusExt::get_details_retry_info(&err).is_some(),
+        "RetryInfo: {err:?}"
+    );
+
+    // Bidi: acks precede the error.
+    let mut acks = client
+        .write_log_bidi(tokio_stream::iter(vec![
+            frame("b", 0, "b2"),
+            frame("c", 0, "c2"),
+            frame("e", 0, "e1"),
+        ]))
+        .await
+        .expect("WriteLogBidi")
+        .into_inner();
+    let mut through = 0;
+    let err = loop {
+        match acks.message().await {
+            Ok(Some(ack)) => through = ack.through_index,
+            Ok(None) => panic!("WriteLogBidi ended without an error (acked through {through})"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert_eq!(through, 2, "the frames before the new session are acked first");
+
+    // Once the sessions went idle (writers stopped), a new one gets a slot.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match client
+            .write_log_batch(LogBatch {
+                frames: vec![frame("d", 0, "d1")],
+            })
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r.into_inner().frames_accepted, 1);
+                break;
+            }
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert!(std::time::Instant::now() < deadline, "no slot 60 s later: {e:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    server.stop_async().await;
+    let contents = |s: &str| -> Vec<String> { seqs_and_contents(&td.log_dir(), s).into_iter().map(|x| x.1).collect() };
+    assert_eq!(contents("a"), ["a1", "a2"]);
+    assert_eq!(contents("b"), ["b1", "b2"]);
+    assert_eq!(contents("c"), ["c1", "c2"]);
+    assert_eq!(contents("d"), ["d1"]);
+    assert!(contents("e").is_empty());
+}
