@@ -179,6 +179,29 @@ impl Tally {
     }
 }
 
+/// Takes `units` of the admission budget (returned by the pipeline once
+/// the request is settled and materialized), waiting at most
+/// LOGD_STREAM_BLOCKED_MAX_MS; RESOURCE_EXHAUSTED + RetryInfo after that,
+/// its message ending with `not_done`.
+async fn admit(shared: &Shared, units: u32, not_done: &str) -> Result<(), Status> {
+    let blocked_max = shared.stream_blocked_max;
+    let permit = tokio::select! {
+        p = shared.budget.acquire_many(units) => p.map_err(|_| Status::unavailable("server is shutting down"))?,
+        _ = shared.shutdown.cancelled() => return Err(Status::unavailable("server is shutting down")),
+        _ = tokio::time::sleep(blocked_max) => {
+            shared.metrics.errors.with_label_values(&["overloaded"]).inc();
+            return Err(resource_exhausted(
+                format!(
+                    "overloaded: no room for {units} KiB within LOGD_INFLIGHT_BYTES_MAX for {blocked_max:?}; {not_done}"
+                ),
+                Duration::from_secs(1),
+            ));
+        }
+    };
+    permit.forget(); // returned by the pipeline
+    Ok(())
+}
+
 /// Builds chunks from a stream of frames and settles them in order.
 struct StreamIngest {
     shared: Shared,
@@ -295,22 +318,7 @@ impl StreamIngest {
                 ));
             }
             let units = (bytes.div_ceil(BUDGET_UNIT_BYTES) as u32).clamp(1, self.shared.budget_units_total);
-            let blocked_max = self.shared.stream_blocked_max;
-            let permit = tokio::select! {
-                p = self.shared.budget.acquire_many(units) => p.map_err(|_| Status::unavailable("server is shutting down"))?,
-                _ = self.shared.shutdown.cancelled() => return Err(Status::unavailable("server is shutting down")),
-                _ = tokio::time::sleep(blocked_max) => {
-                    self.shared.metrics.errors.with_label_values(&["overloaded"]).inc();
-                    return Err(resource_exhausted(
-                        format!(
-                            "overloaded: no room for {units} KiB within LOGD_INFLIGHT_BYTES_MAX for {blocked_max:?}; \
-                             frames not acknowledged yet were not accepted"
-                        ),
-                        Duration::from_secs(1),
-                    ));
-                }
-            };
-            permit.forget(); // returned by the pipeline once materialized
+            admit(&self.shared, units, "frames not acknowledged yet were not accepted").await?;
             let (tx, rx) = oneshot::channel();
             let req = IngestRequest {
                 frames,
@@ -548,17 +556,21 @@ impl LogService for LogSvc {
         if !crate::validate::session_id_is_valid(&session_id) {
             return Err(Status::invalid_argument(format!("invalid session_id {session_id:?}")));
         }
+        // A query waits in the commit thread's queue like frames do: it
+        // takes one unit of the admission budget (returned when it is
+        // answered), so a flood of GetSession calls is bounded too.
+        admit(&shared, 1, "GetSession was not answered").await?;
         let (tx, rx) = oneshot::channel();
         let req = IngestRequest {
             frames: Vec::new(),
-            budget_units: 0,
+            budget_units: 1,
             reply: tx,
             query: Some(session_id.clone()),
         };
-        shared
-            .submitter
-            .submit(req)
-            .map_err(|_| Status::unavailable("server is shutting down"))?;
+        if shared.submitter.submit(req).is_err() {
+            shared.budget.add_permits(1);
+            return Err(Status::unavailable("server is shutting down"));
+        }
         match rx.await {
             Ok(Ok(outcomes)) => match outcomes.first() {
                 Some(Outcome::LastSeq(last_seq)) => Ok(Response::new(SessionInfo {

@@ -714,3 +714,63 @@ async fn a_new_session_beyond_logd_sessions_active_max_is_resource_exhausted_unt
     assert_eq!(contents("d"), ["d1"]);
     assert!(contents("e").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "slow writers need the `failpoints` feature (FAILPOINTS sleep)"
+)]
+async fn get_session_goes_through_admission_and_is_resource_exhausted_while_the_budget_is_full() {
+    use logd::pb::SessionRequest;
+    let td = TestDir::new();
+    let mut server = Server::start(
+        &td.log_dir(),
+        &[
+            ("FAILPOINTS", "writer::after_write=sleep(3000)"),
+            ("LOG_MAX_FRAME_BYTES", "8192"),
+            ("LOGD_INFLIGHT_BYTES_MAX", "65536"),
+            ("LOGD_STREAM_BLOCKED_MAX_MS", "300"),
+        ],
+    );
+    let mut client = server.client().await;
+    // 10 frames of ~7 KB take the whole 64 KiB budget; the writer then
+    // sleeps 3 s in its write, holding it.
+    let pad = "g".repeat(7000);
+    let r = batch(
+        &mut client,
+        (0..10).map(|i| frame("full", 0, &format!("{i} {pad}"))).collect(),
+    )
+    .await;
+    assert_eq!(r.frames_accepted, 10);
+    let err = client
+        .get_session(SessionRequest {
+            session_id: "full".into(),
+        })
+        .await
+        .expect_err("GetSession while the admission budget is taken");
+    eprintln!("GetSession: {err:?}");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("GetSession was not answered"), "{err:?}");
+    assert!(
+        tonic_types::StatusExt::get_details_retry_info(&err).is_some(),
+        "{err:?}"
+    );
+    // Once the writer is done, it is answered, exactly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let last = loop {
+        match client
+            .get_session(SessionRequest {
+                session_id: "full".into(),
+            })
+            .await
+        {
+            Ok(info) => break info.into_inner().last_seq,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    assert_eq!(last, 10);
+    server.stop_async().await;
+}
