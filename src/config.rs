@@ -188,6 +188,11 @@ pub struct ServeArgs {
     /// refused with RESOURCE_EXHAUSTED until idle sessions close.
     #[arg(long, env = "LOGD_SESSIONS_ACTIVE_MAX", default_value_t = 10_000)]
     pub sessions_active_max: usize,
+    /// Sessions whose last seq the sequencer keeps in memory; beyond it
+    /// the least recently used ones whose checkpoint caught up are dropped
+    /// and reloaded from the metadata store on their next frame.
+    #[arg(long, env = "LOGD_SEQ_CACHE_SESSIONS_MAX", default_value_t = 100_000)]
+    pub seq_cache_sessions_max: usize,
     /// Concurrent streams per HTTP/2 connection.
     #[arg(long, env = "LOGD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
@@ -316,6 +321,9 @@ impl ServeArgs {
         }
         if self.sessions_active_max == 0 {
             return Err("LOGD_SESSIONS_ACTIVE_MAX must be > 0".into());
+        }
+        if self.seq_cache_sessions_max == 0 {
+            return Err("LOGD_SEQ_CACHE_SESSIONS_MAX must be > 0".into());
         }
         if self.handshake_timeout_ms == 0 {
             return Err("LOGD_HANDSHAKE_TIMEOUT_MS must be > 0".into());

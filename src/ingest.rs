@@ -71,6 +71,10 @@ pub struct IngestStats {
     pub duplicate: AtomicU64,
     /// Frames rejected by validation.
     pub rejected: AtomicU64,
+    /// Sessions whose last seq the sequencer holds in memory.
+    pub seq_cache_sessions: AtomicU64,
+    /// Sessions dropped from that cache (reloaded from the store on return).
+    pub seq_cache_evictions: AtomicU64,
 }
 
 /// Per-request state between staging and settling.
@@ -81,10 +85,31 @@ pub struct Staged {
     reply: oneshot::Sender<IngestReply>,
 }
 
+/// A session's last seq, and when the sequencer last used it.
+struct SeqEntry {
+    last: i64,
+    used: u64,
+}
+
 /// Assigns seqs and appends frames; runs on the commit thread and owns the
 /// per-session last-seq map without locks.
+///
+/// The map is a cache bounded by `LOGD_SEQ_CACHE_SESSIONS_MAX`: once it
+/// reaches its sweep size, before a request's sessions are loaded, the
+/// least recently used entries whose last seq the metadata store already
+/// holds (their session's checkpoint caught up) are dropped; a session's
+/// next frame loads its last seq from the store again, exactly as at start.
+/// An entry whose checkpoint lags (frames still on their way to the file)
+/// is never dropped, so a reload can never return a smaller seq: only the
+/// sequencer assigns seqs, and a checkpoint never passes what it assigned.
 pub struct Sequencer {
-    last_seq: HashMap<String, i64>,
+    last_seq: HashMap<String, SeqEntry>,
+    /// Use counter for the LRU order.
+    clock: u64,
+    /// LOGD_SEQ_CACHE_SESSIONS_MAX.
+    cache_max: usize,
+    /// Sweep when the map holds this many entries.
+    sweep_at: usize,
     meta: Arc<dyn MetaStore>,
     to_dispatcher: mpsc::UnboundedSender<Durable>,
     budget: Arc<Semaphore>,
@@ -117,6 +142,9 @@ impl Sequencer {
     ) -> Self {
         Sequencer {
             last_seq: HashMap::new(),
+            clock: 0,
+            cache_max: usize::MAX,
+            sweep_at: usize::MAX,
             meta,
             to_dispatcher,
             budget,
@@ -126,7 +154,16 @@ impl Sequencer {
         }
     }
 
+    /// Bounds the last-seq cache to about `max` sessions (see the type's doc).
+    pub fn with_cache_max(mut self, max: usize) -> Self {
+        assert!(max > 0, "LOGD_SEQ_CACHE_SESSIONS_MAX must be > 0");
+        self.cache_max = max;
+        self.sweep_at = max;
+        self
+    }
+
     fn last_seq(&mut self, session: &str) -> Result<&mut i64, String> {
+        self.clock += 1;
         if !self.last_seq.contains_key(session) {
             // Only a store that has no value means "unknown session": a read
             // error must not restart seqs at 1.
@@ -142,9 +179,50 @@ impl Sequencer {
                     ));
                 }
             };
-            self.last_seq.insert(session.to_owned(), last);
+            self.last_seq.insert(session.to_owned(), SeqEntry { last, used: 0 });
+            self.stats
+                .seq_cache_sessions
+                .store(self.last_seq.len() as u64, Ordering::Relaxed);
         }
-        Ok(self.last_seq.get_mut(session).expect("present"))
+        let entry = self.last_seq.get_mut(session).expect("present");
+        entry.used = self.clock;
+        Ok(&mut entry.last)
+    }
+
+    /// Drops least recently used entries the store holds exactly, down to
+    /// three quarters of the cap where it can. Runs before a request's
+    /// sessions are loaded, never between loading and using them.
+    fn sweep(&mut self) {
+        let target = self.cache_max - self.cache_max / 4;
+        let excess = self.last_seq.len().saturating_sub(target);
+        if excess > 0 {
+            let mut by_age: Vec<(u64, &String)> = self.last_seq.iter().map(|(k, e)| (e.used, k)).collect();
+            by_age.select_nth_unstable_by_key(excess - 1, |(used, _)| *used);
+            let oldest: Vec<String> = by_age[..excess].iter().map(|(_, k)| (*k).clone()).collect();
+            let mut evicted = 0u64;
+            for session in oldest {
+                let cached = self.last_seq[&session].last;
+                // A read error keeps the entry.
+                let stored = self.meta.checkpoint(&session).map(|c| c.map_or(0, |c| c.last_seq));
+                if let Ok(stored) = stored {
+                    debug_assert!(
+                        stored <= cached,
+                        "{session}: stored seq {stored} above the cached {cached}"
+                    );
+                    if stored == cached {
+                        self.last_seq.remove(&session);
+                        evicted += 1;
+                    }
+                }
+            }
+            self.stats.seq_cache_evictions.fetch_add(evicted, Ordering::Relaxed);
+        }
+        // Entries still waiting for their checkpoint stay; sweep again
+        // after a quarter of the cap more.
+        self.sweep_at = self.last_seq.len().max(target) + (self.cache_max / 4).max(1);
+        self.stats
+            .seq_cache_sessions
+            .store(self.last_seq.len() as u64, Ordering::Relaxed);
     }
 
     /// Loads the last seq of every session `req` names, before anything of
@@ -171,17 +249,20 @@ impl Stage for Sequencer {
 
     fn stage(&mut self, req: IngestRequest, wal: &mut Wal) -> Self::Staged {
         fail::fail_point!("ingest::stage");
+        if self.last_seq.len() >= self.sweep_at {
+            self.sweep();
+        }
         if let Err(why) = self.load_sessions(&req) {
             return Err((req.reply, req.budget_units, why));
         }
         let loaded = "load_sessions loaded every session of the request";
         let mut outcomes = Vec::with_capacity(req.frames.len() + 1);
         if let Some(session) = &req.query {
-            outcomes.push(Outcome::LastSeq(self.last_seq[session]));
+            outcomes.push(Outcome::LastSeq(self.last_seq[session].last));
         }
         let mut durable = Vec::with_capacity(req.frames.len());
         for mut frame in req.frames {
-            let last = *self.last_seq.get(&frame.session_id).expect(loaded);
+            let last = self.last_seq.get(&frame.session_id).expect(loaded).last;
             let seq = match frame.seq {
                 0 => match last.checked_add(1).filter(|s| *s <= SEQ_MAX) {
                     Some(next) => next,
@@ -200,7 +281,7 @@ impl Stage for Sequencer {
             frame.seq = seq;
             match wal.append_with(RecordType::Frame, |buf| frame.encode_raw(buf)) {
                 Ok(lsn) => {
-                    *self.last_seq.get_mut(&frame.session_id).expect(loaded) = seq;
+                    self.last_seq.get_mut(&frame.session_id).expect(loaded).last = seq;
                     outcomes.push(Outcome::Accepted(seq));
                     durable.push((lsn, frame));
                 }

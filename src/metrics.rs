@@ -62,6 +62,8 @@ pub struct Metrics {
     pub disk_low: IntGauge,
     /// Times the metadata store was rebuilt.
     pub meta_rebuilds: IntCounter,
+    seq_cache_sessions: IntGauge,
+    seq_cache_evictions: IntCounter,
     sources: std::sync::OnceLock<Sources>,
 }
 
@@ -200,6 +202,16 @@ impl Metrics {
             ),
             disk_low: gauge(&r, "logd_disk_low", "1 while ingest is refused for low disk space."),
             meta_rebuilds: counter(&r, "logd_meta_rebuilds_total", "Times the metadata store was rebuilt."),
+            seq_cache_sessions: gauge(
+                &r,
+                "logd_seq_cache_sessions",
+                "Sessions whose last seq the sequencer holds in memory (LOGD_SEQ_CACHE_SESSIONS_MAX).",
+            ),
+            seq_cache_evictions: counter(
+                &r,
+                "logd_seq_cache_evictions_total",
+                "Sessions dropped from the sequencer's cache (reloaded from the store on return).",
+            ),
             registry: r,
             sources: std::sync::OnceLock::new(),
         }
@@ -233,6 +245,8 @@ impl Metrics {
         let l = Ordering::Relaxed;
         catch_up(&self.frames_accepted, s.ingest.accepted.load(l));
         catch_up(&self.frames_duplicate, s.ingest.duplicate.load(l));
+        self.seq_cache_sessions.set(s.ingest.seq_cache_sessions.load(l) as i64);
+        catch_up(&self.seq_cache_evictions, s.ingest.seq_cache_evictions.load(l));
         catch_up(&self.wal_appends, s.wal.records.load(l));
         catch_up(&self.wal_fsyncs, s.wal.commits.load(l));
         catch_up(&self.wal_bytes, s.wal.bytes.load(l));

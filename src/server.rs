@@ -704,7 +704,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let wal_stats = wal.stats();
     let sequencer = Sequencer::new(meta.clone(), to_dispatcher, budget.clone(), stats.clone())
         .with_metrics(metrics.clone())
-        .with_fatal(fatal.clone());
+        .with_fatal(fatal.clone())
+        .with_cache_max(args.seq_cache_sessions_max);
     let commit = wal::GroupCommit::start(wal, sequencer, COMMIT_BATCH_REQUESTS_MAX);
     let (compress_tx, compress_rx) = mpsc::channel(COMPRESS_QUEUE_MAX);
     let events_added = Arc::new(Notify::new());

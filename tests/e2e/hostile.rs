@@ -774,3 +774,94 @@ async fn get_session_goes_through_admission_and_is_resource_exhausted_while_the_
     assert_eq!(last, 10);
     server.stop_async().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_leave_the_seq_cache_and_their_seqs_continue_exactly_after_a_reload() {
+    use crate::ops::{Metrics, start_with_metrics};
+    use logd::pb::SessionRequest;
+    const SESSIONS: usize = 12;
+    let td = TestDir::new();
+    let (mut server, metrics) = start_with_metrics(
+        &td.log_dir(),
+        &[("LOGD_SEQ_CACHE_SESSIONS_MAX", "4"), ("LOG_FLUSH_INTERVAL_MS", "20")],
+    );
+    let ch = connect(&server).await;
+    let mut client = LogServiceClient::new(ch.clone());
+    let mut admin = logd::pb::admin_service_client::AdminServiceClient::new(ch);
+    let name = |i: usize| format!("cache-{i}");
+    for i in 0..SESSIONS {
+        let r = batch(
+            &mut client,
+            (1..=3).map(|n| frame(&name(i), 0, &format!("r1-{n}"))).collect(),
+        )
+        .await;
+        assert_eq!((r.sessions[0].first_seq, r.sessions[0].last_seq), (1, 3));
+    }
+    // Wait until every one of them is materialized and checkpointed.
+    let stats = admin.get_stats(logd::pb::StatsRequest {}).await.unwrap().into_inner();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while admin
+        .get_stats(logd::pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .wal_removable_below_lsn
+        < stats.wal_next_lsn
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint through LSN {}",
+            stats.wal_next_lsn
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // New sessions push the old ones out of the cache.
+    for k in 0..SESSIONS {
+        batch(&mut client, vec![frame(&format!("fill-{k}"), 0, "f")]).await;
+    }
+    let m = Metrics::scrape(&metrics);
+    let evicted = m.value("logd_seq_cache_evictions_total", &[]);
+    let cached = m.value("logd_seq_cache_sessions", &[]);
+    eprintln!("evicted {evicted}, cached {cached}");
+    assert!(evicted >= SESSIONS as f64, "evicted {evicted}");
+    assert!(cached <= SESSIONS as f64, "cached {cached}: the cache is bounded");
+
+    // Back again: server seqs continue exactly, client seqs below are
+    // duplicates, GetSession answers the exact last seq.
+    for i in 0..SESSIONS {
+        let r = batch(
+            &mut client,
+            vec![
+                frame(&name(i), 0, "r2-4"),
+                frame(&name(i), 2, "dup"),
+                frame(&name(i), 0, "r2-5"),
+            ],
+        )
+        .await;
+        assert_eq!(
+            (
+                r.frames_accepted,
+                r.frames_duplicate,
+                r.sessions[0].first_seq,
+                r.sessions[0].last_seq
+            ),
+            (2, 1, 4, 5),
+            "{}: {r:?}",
+            name(i)
+        );
+        let info = client
+            .get_session(SessionRequest { session_id: name(i) })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.last_seq, 5);
+    }
+    server.stop_async().await;
+    for i in 0..SESSIONS {
+        let got = seqs_and_contents(&td.log_dir(), &name(i));
+        let want: Vec<(i64, String)> = [(1, "r1-1"), (2, "r1-2"), (3, "r1-3"), (4, "r2-4"), (5, "r2-5")]
+            .map(|(s, c)| (s, c.to_owned()))
+            .into();
+        assert_eq!(got, want, "{}", name(i));
+    }
+}

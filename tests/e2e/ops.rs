@@ -36,7 +36,7 @@ use crate::util::*;
 /// Starts `logd serve` (metrics on any free port) and waits until it
 /// listens; returns the server and its metrics address, both read from
 /// its stdout. `restart` works as for util's servers.
-fn start_with_metrics(log_dir: &Path, extra: &[(&str, &str)]) -> (Server, String) {
+pub(crate) fn start_with_metrics(log_dir: &Path, extra: &[(&str, &str)]) -> (Server, String) {
     static STARTS: AtomicU64 = AtomicU64::new(0);
     std::fs::create_dir_all(log_dir).unwrap();
     let n = STARTS.fetch_add(1, Ordering::Relaxed);
@@ -108,7 +108,7 @@ fn scrape(addr: &str) -> String {
 }
 
 /// A parsed Prometheus text exposition.
-struct Metrics {
+pub(crate) struct Metrics {
     /// (name, labels, value) of every sample.
     samples: Vec<(String, BTreeMap<String, String>, f64)>,
     /// `# TYPE` of every metric family.
@@ -116,7 +116,7 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn scrape(addr: &str) -> Metrics {
+    pub(crate) fn scrape(addr: &str) -> Metrics {
         Metrics::parse(&scrape(addr))
     }
 
@@ -163,7 +163,7 @@ impl Metrics {
             .map(|(_, _, v)| *v)
     }
 
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.get(name, labels)
             .unwrap_or_else(|| panic!("no metric {name} {labels:?} in the scrape"))
     }
