@@ -193,6 +193,11 @@ pub struct ServeArgs {
     /// and reloaded from the metadata store on their next frame.
     #[arg(long, env = "LOGD_SEQ_CACHE_SESSIONS_MAX", default_value_t = 100_000)]
     pub seq_cache_sessions_max: usize,
+    /// With REDIS_URL set: rotations wait (frames keep going to the live
+    /// file) while the event outbox holds this many events, e.g. while
+    /// Redis is down; they go on once Redis took some.
+    #[arg(long, env = "LOGD_OUTBOX_EVENTS_MAX", default_value_t = 100_000)]
+    pub outbox_events_max: usize,
     /// Concurrent streams per HTTP/2 connection.
     #[arg(long, env = "LOGD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
@@ -324,6 +329,9 @@ impl ServeArgs {
         }
         if self.seq_cache_sessions_max == 0 {
             return Err("LOGD_SEQ_CACHE_SESSIONS_MAX must be > 0".into());
+        }
+        if self.outbox_events_max == 0 {
+            return Err("LOGD_OUTBOX_EVENTS_MAX must be > 0".into());
         }
         if self.handshake_timeout_ms == 0 {
             return Err("LOGD_HANDSHAKE_TIMEOUT_MS must be > 0".into());

@@ -63,6 +63,7 @@ pub struct Metrics {
     /// Times the metadata store was rebuilt.
     pub meta_rebuilds: IntCounter,
     seq_cache_sessions: IntGauge,
+    rotations_deferred: IntCounter,
     seq_cache_evictions: IntCounter,
     sources: std::sync::OnceLock<Sources>,
 }
@@ -212,6 +213,11 @@ impl Metrics {
                 "logd_seq_cache_evictions_total",
                 "Sessions dropped from the sequencer's cache (reloaded from the store on return).",
             ),
+            rotations_deferred: counter(
+                &r,
+                "logd_rotations_deferred_total",
+                "Rotation attempts put off because the event outbox held LOGD_OUTBOX_EVENTS_MAX events.",
+            ),
             registry: r,
             sources: std::sync::OnceLock::new(),
         }
@@ -260,6 +266,7 @@ impl Metrics {
             catch_up(&self.rotations.with_label_values(&[reason]), d.rotations[i].load(l));
         }
         catch_up(&self.evictions, d.evictions.load(l));
+        catch_up(&self.rotations_deferred, d.rotations_deferred.load(l));
         self.compress_backlog.set(d.compress_backlog.load(l) as i64);
         catch_up(&self.compressed_files, d.compressed_files.load(l));
         catch_up(&self.compress_bytes_in, d.compress_bytes_in.load(l));

@@ -727,6 +727,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         budget: budget.clone(),
         checkpoints: crate::meta::CheckpointBatcher::start(meta.clone()),
         active: active_sessions.clone(),
+        outbox_events_max: args.outbox_events_max,
     };
     let pool_stop = CancellationToken::new();
     let pool = tokio::spawn(run_compression_pool(
@@ -736,6 +737,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Duration::from_millis(args.compression_sweep_interval_ms),
         pool_stop.clone(),
     ));
+    let rotations_wait = {
+        let cfg = writer_cfg.clone();
+        Arc::new(move || crate::writer::outbox_full(&cfg)) as Arc<dyn Fn() -> Option<String> + Send + Sync>
+    };
     let (control_tx, control_rx) = mpsc::channel(64);
     let dispatcher = tokio::spawn(run_dispatcher(
         writer_cfg,
@@ -812,6 +817,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_seconds),
         active_sessions,
         idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
+        rotations_wait,
     });
     if !shutdown.is_cancelled() {
         health_reporter.set_serving::<LogServiceServer<LogSvc>>().await;

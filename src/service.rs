@@ -80,6 +80,8 @@ pub struct Shared {
     pub active_sessions: Arc<crate::sessions::ActiveSessions>,
     /// LOG_IDLE_TIMEOUT_SECONDS: when an idle session frees its slot.
     pub idle_timeout: Duration,
+    /// Why rotations wait now (the event outbox is full), if they do.
+    pub rotations_wait: Arc<dyn Fn() -> Option<String> + Send + Sync>,
 }
 
 /// A `RESOURCE_EXHAUSTED` status that tells the client when to retry.
@@ -737,6 +739,9 @@ impl AdminService for AdminSvc {
             Some(req.session_id)
         };
         let shared = self.ready.get()?;
+        if let Some(why) = (shared.rotations_wait)() {
+            return Err(resource_exhausted(why, Duration::from_secs(5)));
+        }
         let (tx, rx) = oneshot::channel();
         let unavailable = || Status::unavailable("server is shutting down");
         shared

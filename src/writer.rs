@@ -80,6 +80,9 @@ pub struct WriterConfig {
     pub checkpoints: crate::meta::CheckpointBatcher,
     /// Slots of LOGD_SESSIONS_ACTIVE_MAX: told when writers start and stop.
     pub active: Arc<crate::sessions::ActiveSessions>,
+    /// LOGD_OUTBOX_EVENTS_MAX: with events on, rotations wait while the
+    /// outbox holds this many events.
+    pub outbox_events_max: usize,
 }
 
 /// Live counters of the dispatcher, writers and compression pool.
@@ -95,6 +98,8 @@ pub struct DispatchStats {
     pub rotations: [AtomicU64; 4],
     /// Writers stopped after their idle timeout.
     pub evictions: AtomicU64,
+    /// Rotations put off because the event outbox was full (attempts).
+    pub rotations_deferred: AtomicU64,
     /// Compression jobs queued or running.
     pub compress_backlog: AtomicU64,
     /// Files compressed.
@@ -602,9 +607,17 @@ impl Writer {
     }
 
     /// Rotates the open file (if it holds anything). Returns its new name.
+    /// While the event outbox is full (LOGD_OUTBOX_EVENTS_MAX) the rotation
+    /// waits: Err, nothing changes, and the next size check, tick or idle
+    /// check tries again; frames keep going to the `.logtmp`.
     async fn rotate(&mut self, reason: RotateReason) -> Result<Option<String>, String> {
         if self.failed {
             return Err(format!("session {} is stopped after an I/O error", self.session));
+        }
+        if let Some(full) = outbox_full(&self.cfg) {
+            self.cfg.stats.rotations_deferred.fetch_add(1, Ordering::Relaxed);
+            debug!(session = self.session, ?reason, "rotation waits: {full}");
+            return Err(full);
         }
         if self.file.is_none() && !self.ensure_open().await {
             return Err(format!("session {}: cannot open its file", self.session));
@@ -729,6 +742,11 @@ async fn run_writer(
                 if w.last_frame_at.elapsed() >= idle_timeout && rx.is_empty() {
                     if !w.failed && w.file.as_ref().is_some_and(|f| f.size() > 0) {
                         w.rotate(RotateReason::Idle).await.ok();
+                        // A rotation waiting for room in the outbox: stay,
+                        // and try again at the next tick.
+                        if !w.failed && w.file.as_ref().is_some_and(|f| f.size() > 0) {
+                            continue;
+                        }
                     }
                     // A failed writer keeps its session until restart: the
                     // frames it dropped are only in the WAL, and a new
@@ -769,6 +787,21 @@ async fn run_writer(
         w.sync().await;
     }
     w.failed
+}
+
+/// Why rotations must wait now: the event outbox holds
+/// LOGD_OUTBOX_EVENTS_MAX events or more (None: room, or no events).
+pub fn outbox_full(cfg: &WriterConfig) -> Option<String> {
+    if !cfg.life.events {
+        return None;
+    }
+    let held = cfg.meta.outbox_len().ok()?;
+    (held >= cfg.outbox_events_max).then(|| {
+        format!(
+            "rotation waits: the event outbox holds {held} events (LOGD_OUTBOX_EVENTS_MAX {}) until Redis takes some",
+            cfg.outbox_events_max
+        )
+    })
 }
 
 /// Runs compression jobs, at most `workers` at a time, off the ingest path.

@@ -865,3 +865,81 @@ async fn idle_sessions_leave_the_seq_cache_and_their_seqs_continue_exactly_after
         assert_eq!(got, want, "{}", name(i));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_wait_while_the_outbox_holds_logd_outbox_events_max_events_and_go_on_once_redis_takes_them() {
+    use crate::ops::{Metrics, start_with_metrics};
+    use crate::redis_server::{RedisServer, free_port};
+    let td = TestDir::new();
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let (mut server, metrics) = start_with_metrics(
+        &td.log_dir(),
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("LOGD_OUTBOX_EVENTS_MAX", "2"),
+            ("LOG_COMPRESSION", "none"),
+            ("LOG_MAX_SIZE_BYTES", "100"),
+            ("LOG_FLUSH_INTERVAL_MS", "20"),
+        ],
+    );
+    let mut client = server.client().await;
+    let wait_for = |what: &str, ok: &dyn Fn(&Metrics) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let m = Metrics::scrape(&metrics);
+            if ok(&m) {
+                return m;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {what} within 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let pending = |m: &Metrics| m.value("logd_redis_events_pending", &[]);
+    // Each frame fills the file past 100 bytes: one rotation (and event) each.
+    for n in 1..=2 {
+        batch(&mut client, vec![frame("ob", 0, &format!("f{n}"))]).await;
+        wait_for(&format!("{n} event(s) pending"), &|m| pending(m) == n as f64);
+    }
+    // The outbox is full: the next rotations wait, the frames stay live.
+    for n in 3..=4 {
+        batch(&mut client, vec![frame("ob", 0, &format!("f{n}"))]).await;
+    }
+    let m = wait_for("a deferred rotation", &|m| {
+        m.value("logd_rotations_deferred_total", &[]) >= 2.0
+    });
+    assert_eq!(pending(&m), 2.0, "no event beyond LOGD_OUTBOX_EVENTS_MAX");
+    // A manual rotation is refused meanwhile, with the reason.
+    let err = logd::pb::admin_service_client::AdminServiceClient::new(connect(&server).await)
+        .rotate(logd::pb::RotateRequest {
+            session_id: "ob".into(),
+            all: false,
+        })
+        .await
+        .expect_err("a manual rotation while the outbox is full");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("the event outbox holds 2 events (LOGD_OUTBOX_EVENTS_MAX 2)"),
+        "{err:?}"
+    );
+
+    // Redis comes up: the outbox drains and the waiting rotation happens.
+    let _redis = RedisServer::start_on(port);
+    wait_for("the outbox to drain", &|m| pending(m) == 0.0);
+    batch(&mut client, vec![frame("ob", 0, "f5")]).await;
+    wait_for("the waiting rotation's event", &|m| {
+        m.value("logd_redis_events_published_total", &[]) == 3.0 && pending(m) == 0.0
+    });
+    server.stop_async().await;
+    let contents: Vec<String> = seqs_and_contents(&td.log_dir(), "ob")
+        .into_iter()
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(contents, ["f1", "f2", "f3", "f4", "f5"]);
+    let live = std::fs::read_to_string(td.log_dir().join("ob.logtmp")).unwrap_or_default();
+    assert!(
+        live.is_empty(),
+        "f3..f5 went to a rotated file; the live file holds {live:?}"
+    );
+}
