@@ -8,9 +8,11 @@
 //! stream: the service's stream index of the same frame. On a stream the
 //! service then settles what came before the bad message (bidi acks it; the
 //! client-streaming error counts it), as for a message over
-//! `LOGD_MAX_MESSAGE_BYTES`. A unary `LogBatch` that does not decode is
-//! refused whole before the handler runs (nothing of it is written); the
-//! error names the first frame of the batch that does not decode.
+//! `LOGD_MAX_MESSAGE_BYTES`. A unary `LogBatch` whose frame N does not
+//! decode reaches the handler as its frames before N followed by a marker
+//! frame ([`decode_failure`] tells it apart: its session id is a random
+//! per-process value no client knows); the handler makes frames 0..N
+//! durable, then answers `INVALID_ARGUMENT` naming frame N with their count.
 
 use std::any::TypeId;
 use std::marker::PhantomData;
@@ -74,9 +76,43 @@ impl<U: Message + Default + 'static> Decoder for LogdDecoder<U> {
                 self.decoded += 1;
                 Ok(Some(m))
             }
-            Err(e) => Err(Status::invalid_argument(describe::<U>(self.decoded, &raw, &e))),
+            Err(e) => {
+                if TypeId::of::<U>() == TypeId::of::<LogBatch>()
+                    && let Some((frames, bad, why)) = frames_before_the_bad_one(&raw)
+                {
+                    let reason = format!(
+                        "frame {bad} of the batch does not decode as a LogFrame: {why}; \
+                         frames from {bad} on were not accepted"
+                    );
+                    let mut frames = frames;
+                    frames.push(LogFrame {
+                        session_id: failure_mark().to_owned(),
+                        content: reason,
+                        ..Default::default()
+                    });
+                    // U is LogBatch (checked above): hand it over as U.
+                    let batch = LogBatch { frames }.encode_to_vec();
+                    self.decoded += 1;
+                    return U::decode(batch.as_slice())
+                        .map(Some)
+                        .map_err(|e| Status::internal(format!("re-encoding a partial batch: {e}")));
+                }
+                Err(Status::invalid_argument(describe::<U>(self.decoded, &raw, &e)))
+            }
         }
     }
+}
+
+/// The session id of the marker frame: random per process (128 bits), so no
+/// client can send it.
+fn failure_mark() -> &'static str {
+    static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MARK.get_or_init(|| format!("logd-decode-failure-{:032x}", rand::random::<u128>()))
+}
+
+/// If `frame` is the marker of a frame that did not decode, the reason.
+pub fn decode_failure(frame: &LogFrame) -> Option<&str> {
+    (frame.session_id == failure_mark()).then_some(frame.content.as_str())
 }
 
 /// The message for a decode failure of message `index` of a call.
@@ -84,8 +120,8 @@ fn describe<U: 'static>(index: u64, raw: &[u8], e: &prost::DecodeError) -> Strin
     if TypeId::of::<U>() == TypeId::of::<LogFrame>() {
         format!("stream message {index} does not decode as a LogFrame: {e}")
     } else if TypeId::of::<U>() == TypeId::of::<LogBatch>() {
-        match first_bad_frame(raw) {
-            Some((frame, why)) => format!(
+        match frames_before_the_bad_one(raw) {
+            Some((_, frame, why)) => format!(
                 "frame {frame} of the batch does not decode as a LogFrame: {why}; \
                  the batch was refused whole (none of its frames was written)"
             ),
@@ -114,11 +150,11 @@ fn varint(buf: &mut &[u8]) -> Option<u64> {
     None
 }
 
-/// The index of the first `frames` entry (field 1) of an encoded
-/// `LogBatch` that does not decode as a `LogFrame`, with the reason; None
-/// when every entry decodes or the outer framing itself is broken.
-fn first_bad_frame(mut buf: &[u8]) -> Option<(usize, prost::DecodeError)> {
-    let mut frame = 0;
+/// The frames of an encoded `LogBatch` before the first that does not
+/// decode, that one's index and the reason; None when every entry decodes
+/// or the outer framing itself is broken.
+fn frames_before_the_bad_one(mut buf: &[u8]) -> Option<(Vec<LogFrame>, usize, prost::DecodeError)> {
+    let mut good = Vec::new();
     while !buf.is_empty() {
         let key = varint(&mut buf)?;
         let len = match key & 7 {
@@ -134,10 +170,13 @@ fn first_bad_frame(mut buf: &[u8]) -> Option<(usize, prost::DecodeError)> {
         let (field, rest) = (buf.get(..len)?, &buf[len..]);
         buf = rest;
         if key >> 3 == 1 && key & 7 == 2 {
-            if let Err(e) = LogFrame::decode(field) {
-                return Some((frame, e));
+            match LogFrame::decode(field) {
+                Ok(f) => good.push(f),
+                Err(e) => {
+                    let bad = good.len();
+                    return Some((good, bad, e));
+                }
             }
-            frame += 1;
         }
     }
     None
@@ -161,8 +200,8 @@ mod tests {
         let at = raw.windows(4).position(|w| w == b"BAD!").unwrap();
         raw[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc]);
         assert!(LogBatch::decode(raw.as_slice()).is_err());
-        let (index, why) = first_bad_frame(&raw).expect("a bad frame");
-        assert_eq!(index, 2);
+        let (good, index, why) = frames_before_the_bad_one(&raw).expect("a bad frame");
+        assert_eq!((good.len(), index), (2, 2));
         assert!(why.to_string().contains("UTF-8"), "{why}");
         assert!(describe::<LogBatch>(0, &raw, &why).starts_with("frame 2 of the batch"));
     }

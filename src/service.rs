@@ -529,7 +529,13 @@ impl LogService for LogSvc {
         let mut ingest = StreamIngest::new(shared);
         let mut tally = Tally::default();
         for frame in batch.frames {
-            if let Err(refused) = ingest.push(frame) {
+            // A frame that did not decode (src/codec.rs) ends the batch:
+            // what came before it is made durable and counted.
+            let pushed = match crate::codec::decode_failure(&frame) {
+                Some(why) => Err(Status::invalid_argument(why.to_owned())),
+                None => ingest.push(frame),
+            };
+            if let Err(refused) = pushed {
                 let refused = match ingest.submit().await {
                     Ok(()) => refused,
                     Err(other) => other,
