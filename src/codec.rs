@@ -70,15 +70,41 @@ impl<U: Message + Default + 'static> Decoder for LogdDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        let raw = buf.copy_to_bytes(buf.remaining());
-        match U::decode(raw.clone()) {
+        // The message is one contiguous slice (tonic buffers it in a
+        // BytesMut): decode from it in place, and keep it for the error.
+        let len = buf.remaining();
+        let decoded = {
+            let raw = buf.chunk();
+            if raw.len() == len {
+                Some(self.decode_slice(raw))
+            } else {
+                None
+            }
+        };
+        let decoded = match decoded {
+            Some(d) => {
+                buf.advance(len);
+                d
+            }
+            None => {
+                let raw = buf.copy_to_bytes(len);
+                self.decode_slice(&raw)
+            }
+        };
+        decoded.map(Some)
+    }
+}
+
+impl<U: Message + Default + 'static> LogdDecoder<U> {
+    fn decode_slice(&mut self, raw: &[u8]) -> Result<U, Status> {
+        match U::decode(raw) {
             Ok(m) => {
                 self.decoded += 1;
-                Ok(Some(m))
+                Ok(m)
             }
             Err(e) => {
                 if TypeId::of::<U>() == TypeId::of::<LogBatch>()
-                    && let Some((frames, bad, why)) = frames_before_the_bad_one(&raw)
+                    && let Some((frames, bad, why)) = frames_before_the_bad_one(raw)
                 {
                     let reason = format!(
                         "frame {bad} of the batch does not decode as a LogFrame: {why}; \
@@ -94,10 +120,9 @@ impl<U: Message + Default + 'static> Decoder for LogdDecoder<U> {
                     let batch = LogBatch { frames }.encode_to_vec();
                     self.decoded += 1;
                     return U::decode(batch.as_slice())
-                        .map(Some)
                         .map_err(|e| Status::internal(format!("re-encoding a partial batch: {e}")));
                 }
-                Err(Status::invalid_argument(describe::<U>(self.decoded, &raw, &e)))
+                Err(Status::invalid_argument(describe::<U>(self.decoded, raw, &e)))
             }
         }
     }
