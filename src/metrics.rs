@@ -60,6 +60,8 @@ pub struct Metrics {
     pub disk_free_bytes: IntGaugeVec,
     /// 1 while ingest is refused for low disk space.
     pub disk_low: IntGauge,
+    /// 1 for a directory whose filesystem reports no capacity (watermark off).
+    pub disk_capacity_unknown: IntGaugeVec,
     /// Times the metadata store was rebuilt.
     pub meta_rebuilds: IntCounter,
     seq_cache_sessions: IntGauge,
@@ -202,6 +204,12 @@ impl Metrics {
                 "dir",
             ),
             disk_low: gauge(&r, "logd_disk_low", "1 while ingest is refused for low disk space."),
+            disk_capacity_unknown: gauge_vec(
+                &r,
+                "logd_disk_capacity_unknown",
+                "1 when the directory's filesystem reports no capacity (statvfs total = 0): no watermark there.",
+                "dir",
+            ),
             meta_rebuilds: counter(&r, "logd_meta_rebuilds_total", "Times the metadata store was rebuilt."),
             seq_cache_sessions: gauge(
                 &r,

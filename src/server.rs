@@ -290,13 +290,59 @@ impl tonic::service::Interceptor for Auth {
     }
 }
 
-/// Whether `dir`'s filesystem has less free space than the watermark.
-fn disk_low(dir: &Path, percent: f64, bytes: u64) -> (bool, u64) {
-    let (Ok(free), Ok(total)) = (fs4::available_space(dir), fs4::total_space(dir)) else {
-        return (false, 0);
-    };
-    let need = bytes.max((total as f64 * percent / 100.0) as u64);
-    (free < need, free)
+/// What the free-space watermark says about one filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskSpace {
+    /// Free space is at or above the watermark.
+    Enough {
+        /// Bytes available to logd.
+        free_bytes: u64,
+    },
+    /// Free space is below the watermark: new frames are refused.
+    Low {
+        /// Bytes available to logd.
+        free_bytes: u64,
+        /// The watermark in bytes.
+        need_bytes: u64,
+    },
+    /// The filesystem reports no capacity (statvfs total = 0, as a tmpfs
+    /// mounted with `size=0` and several FUSE filesystems do): there is no
+    /// percentage to compare with and no way to tell "full" from "unknown",
+    /// so the watermark does not apply to it.
+    CapacityUnknown,
+}
+
+/// The watermark decision from a filesystem's statvfs numbers:
+/// `total_bytes` (`f_blocks * f_frsize`), `free_bytes` (`f_bavail *
+/// f_frsize`), and the limits `LOGD_DISK_FREE_MIN_PERCENT` /
+/// `LOGD_DISK_FREE_MIN_BYTES` (whichever is larger).
+pub fn disk_space(total_bytes: u64, free_bytes: u64, free_min_percent: f64, free_min_bytes: u64) -> DiskSpace {
+    if total_bytes == 0 {
+        return DiskSpace::CapacityUnknown;
+    }
+    let need_bytes = free_min_bytes.max((total_bytes as f64 * free_min_percent / 100.0) as u64);
+    if free_bytes < need_bytes {
+        DiskSpace::Low { free_bytes, need_bytes }
+    } else {
+        DiskSpace::Enough { free_bytes }
+    }
+}
+
+/// `(total, available)` bytes of `dir`'s filesystem, from statvfs(2).
+fn statvfs_bytes(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    Ok((
+        (st.f_blocks as u64).saturating_mul(frsize),
+        (st.f_bavail as u64).saturating_mul(frsize),
+    ))
 }
 
 /// Where free space is watched, and the watermark.
@@ -306,16 +352,68 @@ struct DiskWatch {
     bytes: u64,
     flag: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    /// Per directory of `dirs`: whether "no capacity" was already logged.
+    warned_unknown: Vec<AtomicBool>,
 }
 
 impl DiskWatch {
+    fn new(
+        dirs: Vec<(&'static str, PathBuf)>,
+        percent: f64,
+        bytes: u64,
+        flag: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let warned_unknown = dirs.iter().map(|_| AtomicBool::new(false)).collect();
+        DiskWatch {
+            dirs,
+            percent,
+            bytes,
+            flag,
+            metrics,
+            warned_unknown,
+        }
+    }
+
     /// Checks free space once; sets `flag` while below the watermark.
     fn check(&self) {
         let mut low = false;
-        for (name, dir) in &self.dirs {
-            let (l, free) = disk_low(dir, self.percent, self.bytes);
-            self.metrics.disk_free_bytes.with_label_values(&[name]).set(free as i64);
-            low |= l;
+        for ((name, dir), warned) in self.dirs.iter().zip(&self.warned_unknown) {
+            let space = match statvfs_bytes(dir) {
+                Ok((total, free)) => disk_space(total, free, self.percent, self.bytes),
+                // Not measurable now (e.g. the directory is being recreated):
+                // never a reason to refuse frames.
+                Err(_) => DiskSpace::Enough { free_bytes: 0 },
+            };
+            let unknown = space == DiskSpace::CapacityUnknown;
+            self.metrics
+                .disk_capacity_unknown
+                .with_label_values(&[name])
+                .set(unknown as i64);
+            match space {
+                DiskSpace::Enough { free_bytes } => {
+                    self.metrics
+                        .disk_free_bytes
+                        .with_label_values(&[name])
+                        .set(free_bytes as i64);
+                }
+                DiskSpace::Low { free_bytes, .. } => {
+                    self.metrics
+                        .disk_free_bytes
+                        .with_label_values(&[name])
+                        .set(free_bytes as i64);
+                    low = true;
+                }
+                DiskSpace::CapacityUnknown => {
+                    if !warned.swap(true, Ordering::Relaxed) {
+                        warn!(
+                            dir = %dir.display(),
+                            "the filesystem of the {name} directory reports no capacity (statvfs total = 0): \
+                             the free-space watermark is disabled for it (logd_disk_capacity_unknown)"
+                        );
+                    }
+                }
+            }
         }
         if low != self.flag.swap(low, Ordering::Relaxed) {
             if low {
@@ -776,13 +874,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         meta.clone(),
     );
     let disk_low = Arc::new(AtomicBool::new(false));
-    let disk_watch = DiskWatch {
-        dirs: vec![("wal", store.wal_dir()), ("logs", store.log_dir.clone())],
-        percent: args.disk_free_min_percent,
-        bytes: args.disk_free_min_bytes,
-        flag: disk_low.clone(),
-        metrics: metrics.clone(),
-    };
+    let disk_watch = DiskWatch::new(
+        vec![("wal", store.wal_dir()), ("logs", store.log_dir.clone())],
+        args.disk_free_min_percent,
+        args.disk_free_min_bytes,
+        disk_low.clone(),
+        metrics.clone(),
+    );
     // Checked once before the first frame can arrive: the flag must not
     // start "enough space" on a full disk while the watcher task is not yet
     // scheduled (an e2e test raced it under load).
@@ -920,5 +1018,40 @@ mod tests {
         let fs = RecordingFs::default();
         let _lock = StateLock::acquire_on(&fs, &state).unwrap();
         assert!(fs.synced_dirs.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_filesystem_reporting_no_capacity_has_unknown_space_not_low_space() {
+        assert_eq!(disk_space(0, 0, 5.0, 256 << 20), DiskSpace::CapacityUnknown);
+        // Even with free blocks reported (some FUSE filesystems do).
+        assert_eq!(disk_space(0, 1 << 40, 5.0, 0), DiskSpace::CapacityUnknown);
+    }
+
+    #[test]
+    fn the_watermark_is_the_larger_of_the_percentage_and_the_bytes() {
+        let gib = 1u64 << 30;
+        // 5% of 100 GiB = 5 GiB > 256 MiB.
+        assert_eq!(
+            disk_space(100 * gib, 4 * gib, 5.0, 256 << 20),
+            DiskSpace::Low {
+                free_bytes: 4 * gib,
+                need_bytes: 5 * gib
+            }
+        );
+        assert_eq!(
+            disk_space(100 * gib, 5 * gib, 5.0, 256 << 20),
+            DiskSpace::Enough { free_bytes: 5 * gib }
+        );
+        // 5% of 1 GiB = 51 MiB < 256 MiB: the bytes win.
+        assert_eq!(
+            disk_space(gib, 200 << 20, 5.0, 256 << 20),
+            DiskSpace::Low {
+                free_bytes: 200 << 20,
+                need_bytes: 256 << 20
+            }
+        );
+        // A full filesystem of known size is low.
+        assert!(matches!(disk_space(gib, 0, 0.0, 1), DiskSpace::Low { .. }));
+        assert_eq!(disk_space(gib, 0, 0.0, 0), DiskSpace::Enough { free_bytes: 0 });
     }
 }

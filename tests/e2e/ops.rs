@@ -1226,6 +1226,64 @@ async fn writes_resume_by_themselves_once_disk_space_returns() {
     stop(&mut server).await;
 }
 
+/// A filesystem that reports no capacity (statvfs total = 0, as a tmpfs
+/// mounted with `size=0` and several FUSE filesystems do) is not "full":
+/// logd warns once, keeps accepting frames and says so in a metric.
+#[tokio::test]
+async fn a_filesystem_reporting_no_capacity_does_not_count_as_below_the_watermark() {
+    if !can_mount_tmpfs() {
+        eprintln!(
+            "SKIPPED a_filesystem_reporting_no_capacity_does_not_count_as_below_the_watermark: needs \
+             `unshare -m` + mount (root) for a tmpfs with size=0"
+        );
+        return;
+    }
+    let td = TestDir::new();
+    let mnt = td.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let log_dir = mnt.join("logs");
+    // tmpfs with size=0 has no size limit: statvfs reports 0 blocks in total.
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "-m",
+        "sh",
+        "-c",
+        "mount -t tmpfs -o size=0 tmpfs \"$0\" && exec \"$1\" serve",
+    ])
+    .arg(&mnt)
+    .arg(logd_bin())
+    .env("LOG_DIR", &log_dir)
+    .env("LOGD_LISTEN", "127.0.0.1:0")
+    .env("LOGD_METRICS_LISTEN", "127.0.0.1:0")
+    .env("RUST_LOG", "info");
+    let stderr_path = td.dir.path().join("size0.stderr");
+    let (mut server, lines) = spawn_logd(cmd, &log_dir, stderr_path.clone());
+    let metrics = wait_line(&lines, "logd: metrics on ", Duration::from_secs(60), &server);
+    server.addr = format!(
+        "http://{}",
+        wait_line(&lines, "logd: listening on ", Duration::from_secs(60), &server)
+    );
+    let mut client = server.client().await;
+    let mut accepted = 0;
+    for k in 0..3 {
+        accepted += batch(&mut client, vec![frame("nocap", 0, &format!("frame {k}"))])
+            .await
+            .expect("a frame on a filesystem of unknown capacity")
+            .frames_accepted;
+        // Past a few watcher passes (every second): still one warning.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(accepted, 3);
+    let m = Metrics::scrape(&metrics);
+    assert_eq!(m.value("logd_disk_low", &[]), 0.0);
+    assert_eq!(m.value("logd_disk_capacity_unknown", &[("dir", "logs")]), 1.0);
+    assert_eq!(m.value("logd_disk_capacity_unknown", &[("dir", "wal")]), 1.0);
+    stop(&mut server).await;
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    let warnings = stderr.lines().filter(|l| l.contains("reports no capacity")).count();
+    assert_eq!(warnings, 2, "one warning per directory (logs, wal):\n{stderr}");
+}
+
 // ---------------------------------------------------------------------------
 // 8. Bad bytes on the wire
 // ---------------------------------------------------------------------------
