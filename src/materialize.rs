@@ -143,6 +143,17 @@ pub fn line_seq(line: &[u8]) -> Option<i64> {
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
+/// What [`SessionFile::append_within`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// The line is pending.
+    Written,
+    /// The session already holds the seq.
+    Skipped,
+    /// The line would take the file past its size limit: nothing changed.
+    Full,
+}
+
 /// What opening a session file had to repair.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenRepair {
@@ -255,6 +266,27 @@ impl SessionFile {
         render_line(frame, &mut self.pending);
         self.last_seq = frame.seq;
         true
+    }
+
+    /// Like [`SessionFile::append`], but keeps the file within `size_max`
+    /// bytes: a new line that would take a non-empty file past it is not
+    /// taken ([`Appended::Full`]: rotate, then append it to the next file).
+    /// A line larger than `size_max` on its own goes into an empty file.
+    pub fn append_within(&mut self, lsn: u64, frame: &LogFrame, size_max: u64) -> Appended {
+        if frame.seq <= self.last_seq {
+            self.last_lsn = self.last_lsn.max(lsn);
+            return Appended::Skipped;
+        }
+        let before = self.pending.len();
+        let size_before = self.size();
+        render_line(frame, &mut self.pending);
+        if size_before > 0 && self.size() > size_max {
+            self.pending.truncate(before);
+            return Appended::Full;
+        }
+        self.last_lsn = self.last_lsn.max(lsn);
+        self.last_seq = frame.seq;
+        Appended::Written
     }
 
     /// Bytes written to the file (synced or not).

@@ -34,7 +34,7 @@ use wal::fs::Fs;
 
 use crate::events::{RotateReason, now_ms};
 use crate::ingest::Durable;
-use crate::materialize::SessionFile;
+use crate::materialize::{Appended, SessionFile};
 use crate::meta::{CompressJob, MetaStore};
 use crate::pb::LogFrame;
 use crate::rotate::{CompressionRun, Lifecycle, Rotation, rotate_synced, run_compression};
@@ -45,7 +45,8 @@ pub const COMPRESS_QUEUE_MAX: usize = 1024;
 /// When files rotate.
 #[derive(Debug, Clone, Copy)]
 pub struct RotationLimits {
-    /// Rotate when the `.logtmp` reaches this size.
+    /// A `.logtmp` never grows past this size: it rotates before the line
+    /// that would cross it (a larger line gets a file of its own).
     pub file_bytes_max: u64,
     /// Rotate when the `.logtmp` is this old.
     pub file_age_max: Duration,
@@ -530,19 +531,34 @@ impl Writer {
         if self.failed || !self.ensure_open().await {
             return; // durable in the WAL; a restart replays it
         }
-        let sf = self.file.as_mut().expect("open");
+        let size_max = self.cfg.limits.file_bytes_max;
         for (lsn, frame) in &batch {
-            sf.append(*lsn, frame);
+            // The size limit holds per line: rotate before a line that
+            // would cross it (a line larger than the limit gets a file of
+            // its own).
+            loop {
+                if self.failed || (self.file.is_none() && !self.ensure_open().await) {
+                    return; // durable in the WAL; a restart replays it
+                }
+                let sf = self.file.as_mut().expect("open");
+                match sf.append_within(*lsn, frame, size_max) {
+                    Appended::Written => {
+                        self.dirty = true;
+                        if sf.pending_bytes() >= PENDING_WRITE_BYTES {
+                            self.write_pending();
+                        }
+                        break;
+                    }
+                    Appended::Skipped => break,
+                    Appended::Full => {
+                        if self.rotate(RotateReason::Size).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
         }
-        self.dirty = true;
-        if sf.pending_bytes() >= PENDING_WRITE_BYTES {
-            self.write_pending();
-        }
-        if self
-            .file
-            .as_ref()
-            .is_some_and(|sf| sf.size() >= self.cfg.limits.file_bytes_max)
-        {
+        if self.file.as_ref().is_some_and(|sf| sf.size() >= size_max) {
             self.rotate(RotateReason::Size).await.ok();
         }
     }

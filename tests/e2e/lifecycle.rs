@@ -338,8 +338,10 @@ async fn files_rotate_at_the_size_limit_with_utc_stamps_and_seq_ranges_in_their_
     );
     for f in &files {
         assert!(!f.gz, "{}: LOG_COMPRESSION=none", f.name);
+        // Rotated before the line that would have crossed the limit (lines
+        // are under 300 bytes here).
         assert!(
-            f.data.len() >= 4096,
+            f.data.len() <= 4096 && f.data.len() > 4096 - 300,
             "{}: rotated for size at {} bytes (limit 4096)",
             f.name,
             f.data.len()
@@ -353,6 +355,54 @@ async fn files_rotate_at_the_size_limit_with_utc_stamps_and_seq_ranges_in_their_
         !file_names(&dir).iter().any(|n| n.contains(".gz")),
         "nothing is compressed with LOG_COMPRESSION=none"
     );
+    assert_exactly_acked(&dir, &files, &acked);
+}
+
+/// The size limit holds per frame, not per batch: batches of 200 frames
+/// (~90 KB each) against a 20,000-byte limit give files of at most 20,000
+/// bytes, a frame larger than the limit gets a file of its own, and every
+/// frame is in the files once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_files_never_exceed_the_size_limit_except_for_a_single_frame_larger_than_it() {
+    const LIMIT: usize = 20_000;
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let t0 = unix_now();
+    let env = [
+        ("LOG_MAX_SIZE_BYTES", "20000"),
+        ("LOG_COMPRESSION", "none"),
+        ("LOG_FLUSH_INTERVAL_MS", "50"),
+    ];
+    let mut server = Server::start(&dir, &env);
+    let mut acked = Acked::new();
+    for round in 0..6 {
+        send_n(&server, &mut acked, "per-frame", 200, 300).await;
+        if round == 2 {
+            // Larger than the limit on its own, between two full batches.
+            send_n(&server, &mut acked, "per-frame", 1, 30_000).await;
+        }
+    }
+    server.stop();
+
+    let files = rotated_files(&dir, (t0, unix_now()));
+    let mut oversized = 0;
+    for f in &files {
+        if f.lines.len() == 1 && f.data.len() > LIMIT {
+            oversized += 1;
+            continue;
+        }
+        assert!(
+            f.data.len() <= LIMIT,
+            "{}: {} bytes in {} lines, over the {LIMIT}-byte limit",
+            f.name,
+            f.data.len(),
+            f.lines.len()
+        );
+    }
+    assert_eq!(oversized, 1, "the 30,000-byte frame has a file of its own");
+    assert!(files.len() >= 20, "expected many size rotations, got {}", files.len());
+    let live = std::fs::metadata(dir.join("per-frame.logtmp")).map_or(0, |m| m.len() as usize);
+    assert!(live <= LIMIT, "the live file holds {live} bytes");
     assert_exactly_acked(&dir, &files, &acked);
 }
 
