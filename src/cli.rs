@@ -242,7 +242,10 @@ async fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
     };
     let files = client.rotate(req).await.context("Rotate")?.into_inner().files;
     if files.is_empty() {
-        println!("nothing to rotate (no open file with frames)");
+        match &args.session {
+            Some(s) => println!("nothing to rotate: session {s} is unknown or its live file is empty"),
+            None => println!("nothing to rotate (no open file with frames)"),
+        }
     }
     for f in files {
         println!("rotated: {f}");
@@ -487,6 +490,10 @@ fn print_recovery(
             if args.dry_run { "would stay" } else { "stay" },
             left.join(", ")
         );
+    }
+    for f in &l.empty_files_removed {
+        let verb = if args.dry_run { "would remove" } else { "removed" };
+        println!("{verb} an empty session file without frames: {f}");
     }
     if l.meta_rebuilt {
         if args.dry_run {

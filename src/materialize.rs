@@ -168,7 +168,9 @@ pub struct SessionFile {
     fs: Arc<dyn Fs>,
     dir: PathBuf,
     path: PathBuf,
-    file: Box<dyn FsFile>,
+    /// None until the first line is written: a session without frames has
+    /// no file.
+    file: Option<Box<dyn FsFile>>,
     offset: u64,
     synced_offset: u64,
     last_seq: i64,
@@ -179,8 +181,8 @@ pub struct SessionFile {
 }
 
 impl SessionFile {
-    /// Opens (creating if needed) the session's `.logtmp` and brings it to a
-    /// consistent end. Bytes up to the checkpoint's offset were fdatasynced
+    /// Opens the session's `.logtmp` and brings it to a consistent end; a
+    /// missing file is created only when the first line is written. Bytes up to the checkpoint's offset were fdatasynced
     /// and are trusted; after it, whole valid lines with increasing seqs are
     /// kept (written but maybe not synced: they are acked frames, and replay
     /// skips them by seq) and the file is cut at the first torn, zeroed or
@@ -193,7 +195,9 @@ impl SessionFile {
         ckpt: Option<Checkpoint>,
     ) -> io::Result<(Self, OpenRepair)> {
         let path = logtmp_path(dir, session);
-        let existed = fs.exists(&path);
+        if !fs.exists(&path) {
+            return Ok((SessionFile::absent(fs, dir, path, ckpt), OpenRepair::default()));
+        }
         let file = fs.open(&path, OpenMode::CreateOrOpen)?;
         let len = file.len()?;
         let State {
@@ -212,7 +216,7 @@ impl SessionFile {
             fs,
             dir: dir.to_path_buf(),
             path,
-            file,
+            file: Some(file),
             offset: end,
             synced_offset: start.min(end),
             last_seq,
@@ -223,11 +227,36 @@ impl SessionFile {
             // writer that failed), and a checkpoint must never outlive it.
             needs_dir_sync: true,
             opened_at_ms: match ckpt {
-                Some(c) if existed && c.opened_at_ms > 0 => c.opened_at_ms,
+                Some(c) if c.opened_at_ms > 0 => c.opened_at_ms,
                 _ => crate::events::now_ms(),
             },
         };
         Ok((sf, repair))
+    }
+
+    /// A session whose `.logtmp` does not exist (yet): no file until the
+    /// first line is written; the seq continues from the checkpoint.
+    fn absent(fs: Arc<dyn Fs>, dir: &Path, path: PathBuf, ckpt: Option<Checkpoint>) -> Self {
+        SessionFile {
+            fs,
+            dir: dir.to_path_buf(),
+            path,
+            file: None,
+            offset: 0,
+            synced_offset: 0,
+            last_seq: ckpt.map_or(0, |c| c.last_seq),
+            last_lsn: ckpt.map_or(0, |c| c.last_lsn),
+            pending: Vec::new(),
+            needs_dir_sync: true,
+            // Set when the file is created; until then the checkpoint stays
+            // as it was (recovery passes are idempotent).
+            opened_at_ms: ckpt.map_or(0, |c| c.opened_at_ms),
+        }
+    }
+
+    /// Whether the file exists (a session without lines has none).
+    pub fn exists(&self) -> bool {
+        self.file.is_some()
     }
 
     /// What [`SessionFile::open`] would find, without changing anything:
@@ -310,7 +339,16 @@ impl SessionFile {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.file.write_all_at(&self.pending, self.offset)?;
+        let file = match &mut self.file {
+            Some(f) => f,
+            none => {
+                let f = self.fs.open(&self.path, OpenMode::CreateOrOpen)?;
+                self.needs_dir_sync = true;
+                self.opened_at_ms = crate::events::now_ms();
+                none.insert(f)
+            }
+        };
+        file.write_all_at(&self.pending, self.offset)?;
         self.offset += self.pending.len() as u64;
         self.pending.clear();
         Ok(())
@@ -320,8 +358,11 @@ impl SessionFile {
     /// the file is new), and returns the checkpoint that is now true.
     pub fn sync(&mut self) -> io::Result<Checkpoint> {
         self.write_pending()?;
+        let Some(file) = &self.file else {
+            return Ok(self.checkpoint()); // no file: nothing to make durable
+        };
         if self.synced_offset != self.offset || self.needs_dir_sync {
-            self.file.sync_data()?;
+            file.sync_data()?;
             self.synced_offset = self.offset;
         }
         if self.needs_dir_sync {
@@ -466,6 +507,9 @@ pub struct LifecycleRepair {
     pub compressions_queued: u64,
     /// Whether the store had no checkpoints while session files existed.
     pub meta_rebuilt: bool,
+    /// Empty `.logtmp` files without checkpointed content, removed (or, in
+    /// a dry run, to be removed): a session without frames has no file.
+    pub empty_files_removed: Vec<String>,
 }
 
 /// What replay did for one session.
@@ -772,8 +816,22 @@ impl recovery::Materializer for Replayer {
                 self.checkpoints_refreshed += 1;
             }
         }
+        let mut removed_any = false;
         for session in on_disk {
             let stored = self.meta.checkpoint(&session)?;
+            let path = logtmp_path(&self.log_dir, &session);
+            if stored.is_none_or(|c| c.offset == 0) && self.fs.open(&path, OpenMode::Read)?.len()? == 0 {
+                // Nothing was ever checkpointed in it and it holds nothing:
+                // a ghost (older logds created one per known session).
+                if !self.dry_run {
+                    self.fs.remove_file(&path)?;
+                    removed_any = true;
+                }
+                self.lifecycle
+                    .empty_files_removed
+                    .push(format!("{session}{LOGTMP_SUFFIX}"));
+                continue;
+            }
             // Rotated files bound the seq from below, even if the store is stale.
             let floor = floors.get(&session).copied().unwrap_or(0);
             let ckpt = match stored {
@@ -801,6 +859,9 @@ impl recovery::Materializer for Replayer {
                 self.meta.put_checkpoint(&session, &fresh)?;
                 self.checkpoints_refreshed += 1;
             }
+        }
+        if removed_any {
+            self.fs.sync_dir(&self.log_dir)?;
         }
         Ok(())
     }

@@ -761,6 +761,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     "recovery: the metadata store held no checkpoints; rebuilt it from the session files and the WAL"
                 );
             }
+            if !l.empty_files_removed.is_empty() {
+                info!(files = ?l.empty_files_removed, "recovery: removed empty session files without frames");
+            }
             if !l.rotations_finished.is_empty() || !l.compressions_finished.is_empty() {
                 info!(rotations = ?l.rotations_finished, compressions = ?l.compressions_finished, events = l.events_recorded, "recovery: finished interrupted file steps");
             }

@@ -316,6 +316,11 @@ async fn rotate_on_request(
 ) {
     let Control::Rotate { session, reply } = ctl;
     let targets: Vec<String> = match session {
+        // A session with neither a writer nor a live file has nothing to
+        // rotate: starting a writer for it would only make an empty file.
+        Some(s) if !writers.contains_key(&s) && !cfg.fs.exists(&crate::materialize::logtmp_path(&cfg.log_dir, &s)) => {
+            Vec::new()
+        }
         Some(s) => vec![s],
         None => writers.keys().cloned().collect(),
     };

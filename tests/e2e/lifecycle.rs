@@ -542,6 +542,103 @@ async fn logd_rotate_rotates_one_session_or_all_of_them_now() {
 // ---------------------------------------------------------------------------
 // 2. Compression.
 
+/// `.logtmp` files in `dir`, with their sizes.
+fn logtmp_files(dir: &Path) -> Vec<(String, u64)> {
+    file_names(dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".logtmp"))
+        .map(|n| {
+            let len = std::fs::metadata(dir.join(&n)).unwrap().len();
+            (n, len)
+        })
+        .collect()
+}
+
+/// Sessions the metadata knows, whose files were all rotated, get no file
+/// back from a restart or from `logd recover` (their records are still in
+/// the WAL's active segment, so replay visits them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_and_logd_recover_create_no_file_for_a_session_without_frames() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let env = [("LOG_COMPRESSION", "none")];
+    let mut server = Server::start(&dir, &env);
+    let mut acked = Acked::new();
+    for s in ["known-a", "known-b", "known-c"] {
+        send_n(&server, &mut acked, s, 3, 20).await;
+    }
+    assert_eq!(rotate_all(&server).await.len(), 3);
+    server.stop();
+    assert_eq!(logtmp_files(&dir), vec![], "every live file was rotated");
+
+    server.restart();
+    server.stop();
+    assert_eq!(logtmp_files(&dir), vec![], "after a restart");
+
+    let out = run_logd(&["recover"], &dir, &[]);
+    assert!(out.status.success(), "logd recover: {out:?}");
+    assert_eq!(logtmp_files(&dir), vec![], "after logd recover");
+
+    // The sessions are still known: their seqs continue.
+    server.restart();
+    let (first, _) = send_n(&server, &mut acked, "known-b", 1, 20).await;
+    assert_eq!(first, 4);
+    server.stop();
+    let files = rotated_files(&dir, (0, unix_now()));
+    assert_exactly_acked(&dir, &files, &acked);
+}
+
+/// `logd rotate --session nope` for a session logd never saw creates no
+/// file and says there was nothing to rotate for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_an_unknown_session_creates_no_file_and_says_so() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let mut server = Server::start(&dir, &[]);
+    let out = logd_rotate_cli(&server, &["--session", "nope"]);
+    assert!(
+        out.contains("nope") && out.contains("unknown"),
+        "logd rotate --session nope said {out:?}"
+    );
+    server.stop();
+    assert_eq!(logtmp_files(&dir), vec![]);
+    assert!(!dir.join("nope.logtmp").exists());
+}
+
+/// An empty `.logtmp` (from an older logd, or a crash before a session's
+/// first line) is removed by the recovery pass; a non-empty one is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_removes_an_empty_logtmp_left_over() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let mut server = Server::start(&dir, &[]);
+    let mut acked = Acked::new();
+    send_n(&server, &mut acked, "kept", 2, 20).await;
+    server.stop();
+    std::fs::write(dir.join("ghost.logtmp"), b"").unwrap();
+    std::fs::write(dir.join("ghost2.logtmp"), b"").unwrap();
+
+    let out = run_logd(&["recover", "--dry-run"], &dir, &[]);
+    assert!(out.status.success(), "logd recover --dry-run: {out:?}");
+    assert!(dir.join("ghost.logtmp").exists(), "a dry run removes nothing");
+
+    let out = run_logd(&["recover"], &dir, &[]);
+    assert!(out.status.success(), "logd recover: {out:?}");
+    assert!(
+        !dir.join("ghost.logtmp").exists(),
+        "logd recover removes an empty .logtmp"
+    );
+
+    server.restart();
+    server.stop();
+    assert!(!dir.join("ghost2.logtmp").exists() && !dir.join("ghost.logtmp").exists());
+    let live = logtmp_files(&dir);
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].0, "kept.logtmp");
+    assert!(live[0].1 > 0);
+    assert_exactly_acked(&dir, &rotated_files(&dir, (0, unix_now())), &acked);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_gzip_every_rotated_file_becomes_a_complete_log_gz_holding_what_was_rotated() {
     let td = TestDir::new();
