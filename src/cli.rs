@@ -298,7 +298,9 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
         };
         (report.map_err(with_salvage_hint)?, replayer)
     } else {
-        let mut replayer = Replayer::new(fs.clone(), &store.log_dir, meta).with_lifecycle(args.lifecycle.lifecycle());
+        let mut replayer = Replayer::new(fs.clone(), &store.log_dir, meta)
+            .with_lifecycle(args.lifecycle.lifecycle())
+            .with_files_open_max(logd::openfiles::default_open_files_max());
         let (_wal, report) = if args.salvage {
             recovery::salvage(fs, &wal_dir, opts, &mut replayer, progress)?
         } else {

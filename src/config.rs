@@ -210,6 +210,12 @@ pub struct ServeArgs {
     /// How long a stream may wait for admission before RESOURCE_EXHAUSTED.
     #[arg(long, env = "LOGD_STREAM_BLOCKED_MAX_MS", default_value_t = 5000)]
     pub stream_blocked_max_ms: u64,
+    /// Session files open at once, at most; beyond it the least recently
+    /// used idle file is synced, checkpointed and closed (and reopened on
+    /// its session's next frame). Default: half of the open-file limit
+    /// (RLIMIT_NOFILE, raised to its hard limit at start), at least 8.
+    #[arg(long, env = "LOGD_OPEN_FILES_MAX")]
+    pub open_files_max: Option<usize>,
     /// Refuse frames while free space on the WAL or log filesystem is below
     /// this percentage of its size.
     #[arg(long, env = "LOGD_DISK_FREE_MIN_PERCENT", default_value_t = 5.0)]
@@ -314,6 +320,9 @@ impl ServeArgs {
         }
         if self.max_size_bytes == 0 || self.max_age_seconds == 0 || self.idle_timeout_seconds == 0 {
             return Err("LOG_MAX_SIZE_BYTES, LOG_MAX_AGE_SECONDS and LOG_IDLE_TIMEOUT_SECONDS must be > 0".into());
+        }
+        if self.open_files_max == Some(0) {
+            return Err("LOGD_OPEN_FILES_MAX must be > 0".into());
         }
         if self.compression_workers == 0 || self.compression_workers > 64 {
             return Err(format!(

@@ -17,6 +17,7 @@ pub mod materialize;
 pub mod meta;
 pub mod metrics;
 pub mod mirror;
+pub mod openfiles;
 pub mod rotate;
 pub mod server;
 pub mod service;

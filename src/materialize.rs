@@ -143,6 +143,66 @@ pub fn line_seq(line: &[u8]) -> Option<i64> {
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
+/// The step of a session file's I/O that failed (what a writer does about
+/// an error depends on it: see `writer::on_error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileOp {
+    /// Opening or creating the file.
+    Open,
+    /// Writing lines (page cache).
+    Write,
+    /// `fdatasync` of the file.
+    DataSync,
+    /// Opening and fsyncing the directory (a new file's entry).
+    DirSync,
+}
+
+impl std::fmt::Display for FileOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FileOp::Open => "open",
+            FileOp::Write => "write",
+            FileOp::DataSync => "fdatasync",
+            FileOp::DirSync => "directory fsync",
+        })
+    }
+}
+
+/// A failed step of a session file's I/O.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} of {path} failed: {source}")]
+pub struct FileError {
+    /// Which step.
+    pub op: FileOp,
+    /// The file (or, for [`FileOp::DirSync`], the directory).
+    pub path: PathBuf,
+    /// The OS error.
+    #[source]
+    pub source: io::Error,
+}
+
+impl From<FileError> for io::Error {
+    fn from(e: FileError) -> io::Error {
+        io::Error::new(e.source.kind(), e)
+    }
+}
+
+/// Opens a session file, with the `session_file::open` failpoint
+/// (`return(<errno>)`, e.g. `return(24)` for EMFILE) for fault injection.
+fn open_session_file(fs: &dyn Fs, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
+    injected_error("session_file::open")?;
+    fs.open(path, mode)
+}
+
+/// `Err(errno)` when the failpoint `name` is set to `return(<errno>)`.
+fn injected_error(name: &str) -> io::Result<()> {
+    fail::fail_point!(name, |errno: Option<String>| {
+        let errno = errno.and_then(|e| e.parse().ok()).unwrap_or(libc::EIO);
+        Err(io::Error::from_raw_os_error(errno))
+    });
+    Ok(())
+}
+
 /// What [`SessionFile::append_within`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -198,7 +258,7 @@ impl SessionFile {
         if !fs.exists(&path) {
             return Ok((SessionFile::absent(fs, dir, path, ckpt), OpenRepair::default()));
         }
-        let file = fs.open(&path, OpenMode::CreateOrOpen)?;
+        let file = open_session_file(fs.as_ref(), &path, OpenMode::CreateOrOpen)?;
         let len = file.len()?;
         let State {
             start,
@@ -334,21 +394,31 @@ impl SessionFile {
         self.offset + self.pending.len() as u64
     }
 
-    /// Writes the pending lines to the file (page cache; not yet durable).
-    pub fn write_pending(&mut self) -> io::Result<()> {
+    /// Writes the pending lines to the file (page cache; not yet durable),
+    /// creating the file with its first line. On error nothing changed but
+    /// maybe some bytes past the offset, which the next write overwrites.
+    pub fn write_pending(&mut self) -> Result<(), FileError> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        let err = |op, source| FileError {
+            op,
+            path: self.path.clone(),
+            source,
+        };
         let file = match &mut self.file {
             Some(f) => f,
             none => {
-                let f = self.fs.open(&self.path, OpenMode::CreateOrOpen)?;
+                let f = open_session_file(self.fs.as_ref(), &self.path, OpenMode::CreateOrOpen)
+                    .map_err(|e| err(FileOp::Open, e))?;
                 self.needs_dir_sync = true;
                 self.opened_at_ms = crate::events::now_ms();
                 none.insert(f)
             }
         };
-        file.write_all_at(&self.pending, self.offset)?;
+        injected_error("session_file::write").map_err(|e| err(FileOp::Write, e))?;
+        file.write_all_at(&self.pending, self.offset)
+            .map_err(|e| err(FileOp::Write, e))?;
         self.offset += self.pending.len() as u64;
         self.pending.clear();
         Ok(())
@@ -356,17 +426,27 @@ impl SessionFile {
 
     /// Writes pending lines, fdatasyncs the file (and its directory entry if
     /// the file is new), and returns the checkpoint that is now true.
-    pub fn sync(&mut self) -> io::Result<Checkpoint> {
+    pub fn sync(&mut self) -> Result<Checkpoint, FileError> {
         self.write_pending()?;
         let Some(file) = &self.file else {
             return Ok(self.checkpoint()); // no file: nothing to make durable
         };
         if self.synced_offset != self.offset || self.needs_dir_sync {
-            file.sync_data()?;
+            injected_error("session_file::sync_data")
+                .and_then(|()| file.sync_data())
+                .map_err(|source| FileError {
+                    op: FileOp::DataSync,
+                    path: self.path.clone(),
+                    source,
+                })?;
             self.synced_offset = self.offset;
         }
         if self.needs_dir_sync {
-            self.fs.sync_dir(&self.dir)?;
+            self.fs.sync_dir(&self.dir).map_err(|source| FileError {
+                op: FileOp::DirSync,
+                path: self.dir.clone(),
+                source,
+            })?;
             self.needs_dir_sync = false;
         }
         Ok(self.checkpoint())
@@ -546,6 +626,12 @@ impl Replayer {
             life: crate::rotate::Lifecycle::default(),
             lifecycle: LifecycleRepair::default(),
         }
+    }
+
+    /// Keeps at most `n` session files open at once (`LOGD_OPEN_FILES_MAX`).
+    pub fn with_files_open_max(mut self, n: usize) -> Self {
+        self.files_open_max = self.files_open_max.min(n.max(1));
+        self
     }
 
     /// Finishes interrupted rotations and compressions per `life`.

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub inflight_bytes: IntGauge,
     rotations: IntCounterVec,
     evictions: IntCounter,
+    session_io_retries: IntCounter,
+    session_files_closed_for_slots: IntCounter,
+    session_fatal_errors: IntCounter,
     compress_backlog: IntGauge,
     compressed_files: IntCounter,
     compress_bytes_in: IntCounter,
@@ -179,6 +182,21 @@ impl Metrics {
                 "logd_writer_evictions_total",
                 "Writers stopped after their idle timeout.",
             ),
+            session_io_retries: counter(
+                &r,
+                "logd_session_io_retries_total",
+                "Session file steps retried after a transient error (EMFILE, ENFILE, ENOMEM, EAGAIN, EINTR).",
+            ),
+            session_files_closed_for_slots: counter(
+                &r,
+                "logd_session_files_closed_for_slots_total",
+                "Session files synced and closed because another session needed the slot (LOGD_OPEN_FILES_MAX).",
+            ),
+            session_fatal_errors: counter(
+                &r,
+                "logd_session_fatal_errors_total",
+                "Session file errors that stopped the process (it exits 1; a restart recovers).",
+            ),
             compress_backlog: gauge(
                 &r,
                 "logd_compress_backlog_files",
@@ -253,8 +271,7 @@ impl Metrics {
     }
 
     fn refresh(&self) {
-        self.open_files
-            .set(std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64));
+        self.open_files.set(crate::openfiles::open_fds() as i64);
         let Some(s) = self.sources.get() else { return };
         let l = Ordering::Relaxed;
         catch_up(&self.frames_accepted, s.ingest.accepted.load(l));
@@ -275,6 +292,9 @@ impl Metrics {
         }
         catch_up(&self.evictions, d.evictions.load(l));
         catch_up(&self.rotations_deferred, d.rotations_deferred.load(l));
+        catch_up(&self.session_io_retries, d.io_retries.load(l));
+        catch_up(&self.session_files_closed_for_slots, d.files_closed_for_slots.load(l));
+        catch_up(&self.session_fatal_errors, d.fatal_errors.load(l));
         self.compress_backlog.set(d.compress_backlog.load(l) as i64);
         catch_up(&self.compressed_files, d.compressed_files.load(l));
         catch_up(&self.compress_bytes_in, d.compress_bytes_in.load(l));

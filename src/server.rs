@@ -621,6 +621,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = &args.store;
     wal::fs::set_file_mode(args.file_mode);
     raise_nofile_limit();
+    crate::openfiles::init_fd_count();
+    let open_files_max = args
+        .open_files_max
+        .unwrap_or_else(crate::openfiles::default_open_files_max);
+    let nofile = crate::openfiles::nofile_limit();
+    if open_files_max as u64 + 64 > nofile {
+        warn!(
+            open_files_max,
+            nofile,
+            "LOGD_OPEN_FILES_MAX leaves fewer than 64 descriptors of RLIMIT_NOFILE for the WAL, the metadata store and connections"
+        );
+    }
+    info!(open_files_max, nofile, "session files open at once, at most");
     let fs: Arc<dyn Fs> = Arc::new(RealFs);
     create_dir_durably(&store.log_dir).with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
     let state_dir = store.state_dir();
@@ -634,8 +647,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = tls_config(&args)?;
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
-    // Cancelled when the WAL or the metadata store fails: logd then stops
-    // with exit code 1.
+    // Cancelled when the WAL, the metadata store or a session file fails
+    // for good (not a transient shortage): logd then stops with exit code 1.
     let fatal = CancellationToken::new();
 
     // The ports open before recovery, so health checks see NOT_SERVING.
@@ -737,7 +750,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (fs, log_dir, meta, wal_dir) = (fs.clone(), store.log_dir.clone(), meta.clone(), store.wal_dir());
         let m = metrics.clone();
         tokio::task::spawn_blocking(move || {
-            let mut replayer = Replayer::new(fs.clone(), &log_dir, meta).with_lifecycle(life);
+            let mut replayer = Replayer::new(fs.clone(), &log_dir, meta)
+                .with_lifecycle(life)
+                .with_files_open_max(open_files_max);
             let out = recovery::run(fs, &wal_dir, wal_opts, &mut replayer, |_| {}).map_err(|e| {
                 let integrity = e.is_integrity();
                 let e = anyhow::Error::new(e);
@@ -829,6 +844,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         checkpoints: crate::meta::CheckpointBatcher::start(meta.clone()),
         active: active_sessions.clone(),
         outbox_events_max: args.outbox_events_max,
+        open_files: crate::openfiles::OpenFiles::new(open_files_max),
+        fatal: fatal.clone(),
     };
     let pool_stop = CancellationToken::new();
     let pool = tokio::spawn(run_compression_pool(
@@ -955,7 +972,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     meta.flush().context("final metadata flush")?;
     if fatal.is_cancelled() {
         anyhow::bail!(
-            "the write-ahead log or the metadata store failed (see the log above); stopped so that a restart recovers from what is on disk"
+            "the write-ahead log, the metadata store or a session file failed (see the log above); stopped so \
+             that a restart recovers from what is on disk"
         );
     }
     info!("shutdown complete");

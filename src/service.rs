@@ -727,7 +727,7 @@ impl AdminService for AdminSvc {
             outbox_events: s.meta.outbox_len().unwrap_or(0) as u64,
             events_published: s.mirror.published.load(Ordering::Relaxed),
             events_failed: s.mirror.failed.load(Ordering::Relaxed),
-            open_fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64),
+            open_fds: crate::openfiles::open_fds(),
         }))
     }
 

@@ -7,6 +7,13 @@
 //! go to a bounded compression pool. The dispatcher collects checkpoints and
 //! deletes WAL segments every session has materialized.
 //!
+//! Open files are bounded ([`crate::openfiles`]): a writer holds a slot while
+//! its file is open and closes it (synced and checkpointed) when another
+//! session needs the slot. I/O errors are decided per error ([`on_error`]):
+//! shortages are retried with capped backoff; anything else, and every
+//! fdatasync error, stops the process (exit 1) so that a restart recovers
+//! from the disk, as after a WAL error.
+//!
 //! Channels: commit thread → dispatcher → writers are unbounded queues whose
 //! content is bounded by the admission budget (`LOGD_INFLIGHT_BYTES_MAX`):
 //! a writer returns a batch's budget only once it has written the batch, so
@@ -34,8 +41,9 @@ use wal::fs::Fs;
 
 use crate::events::{RotateReason, now_ms};
 use crate::ingest::Durable;
-use crate::materialize::{Appended, SessionFile};
+use crate::materialize::{Appended, FileOp, SessionFile, logtmp_path};
 use crate::meta::{CompressJob, MetaStore};
+use crate::openfiles::{FileSlot, OpenFiles};
 use crate::pb::LogFrame;
 use crate::rotate::{CompressionRun, Lifecycle, Rotation, rotate_synced, run_compression};
 
@@ -84,6 +92,11 @@ pub struct WriterConfig {
     /// LOGD_OUTBOX_EVENTS_MAX: with events on, rotations wait while the
     /// outbox holds this many events.
     pub outbox_events_max: usize,
+    /// The bound on open session files (`LOGD_OPEN_FILES_MAX`).
+    pub open_files: Arc<OpenFiles>,
+    /// Cancelled by a writer after a non-transient I/O error: logd then
+    /// shuts down and exits 1, as after a WAL error.
+    pub fatal: tokio_util::sync::CancellationToken,
 }
 
 /// Live counters of the dispatcher, writers and compression pool.
@@ -109,6 +122,12 @@ pub struct DispatchStats {
     pub compress_bytes_in: AtomicU64,
     /// Bytes out of compression.
     pub compress_bytes_out: AtomicU64,
+    /// Session file steps retried after a transient error (EMFILE, ENOMEM, …).
+    pub io_retries: AtomicU64,
+    /// Session file errors that stopped the process.
+    pub fatal_errors: AtomicU64,
+    /// Session files closed because another session needed the slot.
+    pub files_closed_for_slots: AtomicU64,
 }
 
 fn reason_index(r: RotateReason) -> usize {
@@ -141,7 +160,8 @@ pub enum Control {
 
 struct WriterHandle {
     tx: mpsc::UnboundedSender<WriterMsg>,
-    /// Resolves to whether the writer had failed (an I/O error).
+    /// Resolves to whether the writer had failed (an I/O error that stopped
+    /// the process).
     join: JoinHandle<bool>,
 }
 
@@ -229,7 +249,7 @@ enum Report {
     /// The session's checkpoint now covers records up to `lsn`.
     Checkpointed { session: String, lsn: u64 },
     /// The writer stopped (idle); it took no frame after its last checkpoint.
-    Stopped { session: String, failed: bool },
+    Stopped { session: String },
 }
 
 /// Runs the dispatcher until `rx` closes, then shuts every writer down.
@@ -245,7 +265,6 @@ pub async fn run_dispatcher(
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
     let mut writers: HashMap<String, WriterHandle> = HashMap::new();
     let mut tracker = CheckpointTracker::new(start_lsn);
-    let mut failed_sessions: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut removed_below = 0u64;
     let mut tick = tokio::time::interval(cfg.flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -254,18 +273,13 @@ pub async fn run_dispatcher(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(batch) = msg else { break };
-                                route(&cfg, &mut writers, &failed_sessions, &mut tracker, batch.frames, batch.budget_units, &report_tx);
+                route(&cfg, &mut writers, &mut tracker, batch.frames, batch.budget_units, &report_tx);
                 stats.routed_through.store(tracker.last_routed(), Ordering::Relaxed);
             }
-                        Some(ctl) = control.recv() => rotate_on_request(&cfg, &mut writers, &failed_sessions, &report_tx, ctl).await,
+            Some(ctl) = control.recv() => rotate_on_request(&cfg, &mut writers, &report_tx, ctl).await,
             Some(report) = report_rx.recv() => match report {
                 Report::Checkpointed { session, lsn } => tracker.checkpointed(&session, lsn),
-                                Report::Stopped { session, failed } => {
-                    if failed {
-                        // Frames it dropped are only in the WAL: no later
-                        // writer may write after them before a restart.
-                        failed_sessions.insert(session.clone());
-                    }
+                Report::Stopped { session } => {
                     if writers.get(&session).is_some_and(|w| w.tx.is_closed()) {
                         writers.remove(&session);
                         tracker.forget(&session);
@@ -310,7 +324,6 @@ pub async fn run_dispatcher(
 async fn rotate_on_request(
     cfg: &WriterConfig,
     writers: &mut HashMap<String, WriterHandle>,
-    failed_sessions: &std::collections::HashSet<String>,
     report_tx: &mpsc::UnboundedSender<Report>,
     ctl: Control,
 ) {
@@ -318,16 +331,14 @@ async fn rotate_on_request(
     let targets: Vec<String> = match session {
         // A session with neither a writer nor a live file has nothing to
         // rotate: starting a writer for it would only make an empty file.
-        Some(s) if !writers.contains_key(&s) && !cfg.fs.exists(&crate::materialize::logtmp_path(&cfg.log_dir, &s)) => {
-            Vec::new()
-        }
+        Some(s) if !writers.contains_key(&s) && !cfg.fs.exists(&logtmp_path(&cfg.log_dir, &s)) => Vec::new(),
         Some(s) => vec![s],
         None => writers.keys().cloned().collect(),
     };
     let mut waits = Vec::new();
     for s in targets {
         let (tx, rx) = oneshot::channel();
-        let w = writer_for(cfg, writers, failed_sessions, report_tx, &s);
+        let w = writer_for(cfg, writers, report_tx, &s);
         if w.tx.send(WriterMsg::Rotate(tx)).is_ok() {
             waits.push(rx);
         }
@@ -352,11 +363,9 @@ async fn rotate_on_request(
 fn writer_for<'a>(
     cfg: &WriterConfig,
     writers: &'a mut HashMap<String, WriterHandle>,
-    failed_sessions: &std::collections::HashSet<String>,
     report_tx: &mpsc::UnboundedSender<Report>,
     session: &str,
 ) -> &'a mut WriterHandle {
-    let start_failed = failed_sessions.contains(session);
     // A writer that went idle closed its queue but may still be draining
     // it: the new writer waits for it, so one file never has two writers.
     let stale = writers.get(session).is_some_and(|w| w.tx.is_closed());
@@ -374,7 +383,6 @@ fn writer_for<'a>(
             rx,
             report_tx.clone(),
             predecessor,
-            start_failed,
         ));
         WriterHandle { tx, join }
     })
@@ -413,7 +421,6 @@ fn spawn_removal(meta: Arc<dyn MetaStore>, segments: Segments, safe: u64) -> Joi
 fn route(
     cfg: &WriterConfig,
     writers: &mut HashMap<String, WriterHandle>,
-    failed_sessions: &std::collections::HashSet<String>,
     tracker: &mut CheckpointTracker,
     frames: Vec<(u64, LogFrame)>,
     budget_units: u32,
@@ -448,7 +455,7 @@ fn route(
         // A writer that stopped (idle) between our look and the send hands
         // the batch back; a fresh writer takes it.
         for _ in 0..2 {
-            let w = writer_for(cfg, writers, failed_sessions, report_tx, &session);
+            let w = writer_for(cfg, writers, report_tx, &session);
             match w.tx.send(msg) {
                 Ok(()) => break,
                 Err(mpsc::error::SendError(back)) => msg = back,
@@ -479,11 +486,81 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// and readers of a live `.logtmp` see them at most one flush interval late.
 pub const PENDING_WRITE_BYTES: usize = 32 << 10;
 
+/// What a writer does about a failed step of its file's I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// A transient shortage (descriptors, memory, an interrupted call):
+    /// wait with bounded backoff and do the step again. Safe because the
+    /// step changed nothing that a retry would get wrong.
+    Retry,
+    /// Anything else: stop the whole process (exit 1) so that the next start
+    /// decides from what is on disk. An fdatasync error is always this:
+    /// after one, the state of the file's pages is unknown and a retry that
+    /// succeeds proves nothing.
+    FailStop,
+}
+
+/// The decision for an error `err` of step `op` of a session file.
+pub fn on_error(op: FileOp, err: &std::io::Error) -> OnError {
+    let transient = |codes: &[i32]| err.raw_os_error().is_some_and(|c| codes.contains(&c));
+    let decision = match op {
+        FileOp::DataSync => false,
+        // The directory's fsync is opened first: a shortage there means the
+        // open failed and no fsync ran.
+        FileOp::DirSync => transient(&[libc::EMFILE, libc::ENFILE, libc::ENOMEM]),
+        FileOp::Open | FileOp::Write => {
+            transient(&[libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EAGAIN, libc::EINTR])
+                || err.kind() == std::io::ErrorKind::Interrupted
+        }
+    };
+    if decision { OnError::Retry } else { OnError::FailStop }
+}
+
+/// Capped exponential backoff between retries of a transient error.
+struct Backoff {
+    attempt: u32,
+}
+
+/// First retry delay; it doubles up to [`RETRY_DELAY_MAX`].
+const RETRY_DELAY_FIRST: Duration = Duration::from_millis(10);
+/// Longest delay between two retries of a transient error.
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { attempt: 0 }
+    }
+
+    async fn wait(&mut self, w: &Writer, what: &str) {
+        let delay = RETRY_DELAY_FIRST
+            .saturating_mul(1 << self.attempt.min(10))
+            .min(RETRY_DELAY_MAX);
+        if self.attempt == 0 || self.attempt.is_power_of_two() {
+            warn!(
+                session = w.session,
+                attempt = self.attempt + 1,
+                delay_ms = delay.as_millis() as u64,
+                "{what}; transient, retrying"
+            );
+        }
+        w.cfg.stats.io_retries.fetch_add(1, Ordering::Relaxed);
+        self.attempt += 1;
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// A session writer's state between messages.
 struct Writer {
     cfg: WriterConfig,
     session: String,
     file: Option<SessionFile>,
+    /// Held exactly while `file` is open (`LOGD_OPEN_FILES_MAX`).
+    slot: Option<FileSlot>,
+    /// Woken when another session needs this writer's slot.
+    close_wake: Arc<Notify>,
+    /// The file was closed for lack of slots while it held lines: idle
+    /// rotation must still rotate it.
+    closed_with_lines: bool,
     dirty: bool,
     failed: bool,
     last_frame_at: Instant,
@@ -491,42 +568,81 @@ struct Writer {
 }
 
 impl Writer {
-    /// Opens the session's file if it is not open.
+    /// Stops the process after a non-transient error: logs it, marks the
+    /// writer failed (it touches its file no more) and cancels the fatal
+    /// token, which shuts logd down and makes it exit 1, as a WAL error
+    /// does. The WAL keeps every frame the file may lack, and the next
+    /// start's recovery repairs the file from the disk.
+    fn fail_stop(&mut self, what: &str) {
+        error!(
+            session = self.session,
+            "{what}; stopping logd (exit 1) so that a restart recovers the session file from the disk and the WAL"
+        );
+        self.failed = true;
+        self.cfg.stats.fatal_errors.fetch_add(1, Ordering::Relaxed);
+        self.cfg.fatal.cancel();
+    }
+
+    /// Closes the file and frees its slot.
+    fn close_file(&mut self) {
+        self.file = None;
+        self.slot = None;
+    }
+
+    /// Opens the session's file if it is not open (waiting for a slot).
     async fn ensure_open(&mut self) -> bool {
         if self.file.is_some() {
             return true;
         }
-        let (fs, dir, meta, s) = (
-            self.cfg.fs.clone(),
-            self.cfg.log_dir.clone(),
-            self.cfg.meta.clone(),
-            self.session.clone(),
-        );
-        let opened = blocking(move || -> Result<SessionFile, String> {
-            let ckpt = meta.checkpoint(&s).map_err(|e| e.to_string())?;
-            let (sf, repair) = SessionFile::open(fs, &dir, &s, ckpt).map_err(|e| e.to_string())?;
-            if repair.bytes_trimmed > 0 {
-                warn!(
-                    session = s,
-                    bytes = repair.bytes_trimmed,
-                    "trimmed a torn end of the session file"
-                );
-            }
-            Ok(sf)
-        })
-        .await;
-        match opened {
-            Ok(sf) => {
-                self.file = Some(sf);
-                true
-            }
-            Err(e) => {
-                error!(
-                    session = self.session,
-                    "cannot open session file: {e}; frames stay in the WAL until restart"
-                );
-                self.failed = true;
-                false
+        if self.failed {
+            return false;
+        }
+        debug_assert!(self.slot.is_none(), "no slot without a file");
+        let slot = self
+            .cfg
+            .open_files
+            .acquire(&self.session, self.close_wake.clone())
+            .await;
+        let mut backoff = Backoff::new();
+        loop {
+            let (fs, dir, meta, s) = (
+                self.cfg.fs.clone(),
+                self.cfg.log_dir.clone(),
+                self.cfg.meta.clone(),
+                self.session.clone(),
+            );
+            let opened = blocking(move || {
+                let ckpt = match meta.checkpoint(&s) {
+                    Ok(c) => c,
+                    Err(e) => return Err((None, format!("cannot read the checkpoint of session {s}: {e}"))),
+                };
+                SessionFile::open(fs, &dir, &s, ckpt).map_err(|e| {
+                    let what = format!("cannot open session file {}: {e}", logtmp_path(&dir, &s).display());
+                    (Some(e), what)
+                })
+            })
+            .await;
+            match opened {
+                Ok((sf, repair)) => {
+                    if repair.bytes_trimmed > 0 {
+                        warn!(
+                            session = self.session,
+                            bytes = repair.bytes_trimmed,
+                            "trimmed a torn end of the session file"
+                        );
+                    }
+                    self.file = Some(sf);
+                    self.slot = Some(slot);
+                    self.closed_with_lines = false;
+                    return true;
+                }
+                Err((Some(e), what)) if on_error(FileOp::Open, &e) == OnError::Retry => {
+                    backoff.wait(self, &what).await;
+                }
+                Err((_, what)) => {
+                    self.fail_stop(&what);
+                    return false;
+                }
             }
         }
     }
@@ -534,8 +650,9 @@ impl Writer {
     async fn frames(&mut self, batch: Vec<(u64, LogFrame)>) {
         self.last_frame_at = Instant::now();
         if self.failed || !self.ensure_open().await {
-            return; // durable in the WAL; a restart replays it
+            return; // durable in the WAL; the restart after a fail-stop replays it
         }
+        self.cfg.open_files.touch(&self.session);
         let size_max = self.cfg.limits.file_bytes_max;
         for (lsn, frame) in &batch {
             // The size limit holds per line: rotate before a line that
@@ -543,14 +660,14 @@ impl Writer {
             // its own).
             loop {
                 if self.failed || (self.file.is_none() && !self.ensure_open().await) {
-                    return; // durable in the WAL; a restart replays it
+                    return;
                 }
                 let sf = self.file.as_mut().expect("open");
                 match sf.append_within(*lsn, frame, size_max) {
                     Appended::Written => {
                         self.dirty = true;
                         if sf.pending_bytes() >= PENDING_WRITE_BYTES {
-                            self.write_pending();
+                            self.write_pending().await;
                         }
                         break;
                     }
@@ -568,55 +685,64 @@ impl Writer {
         }
     }
 
-    /// Writes the rendered lines to the file (page cache); on error the
-    /// session stops (its frames stay in the WAL until restart).
-    fn write_pending(&mut self) {
-        let Some(sf) = self.file.as_mut() else { return };
-        if self.failed || sf.pending_bytes() == 0 {
-            return;
-        }
-        if let Err(e) = sf.write_pending() {
-            error!(
-                session = self.session,
-                "write to {} failed: {e}; session stops until restart",
-                sf.path().display()
-            );
-            self.failed = true;
-        }
-        wal::crash_point!("writer::after_write");
-    }
-
-    /// fdatasync + checkpoint; false if it failed (the writer then stops:
-    /// after an fdatasync error nothing about the file is known, so it is
-    /// never retried; the WAL keeps the frames for the next start).
-    async fn sync(&mut self) -> bool {
-        self.write_pending();
-        if self.failed {
-            return false;
-        }
-        let Some(mut sf) = self.file.take() else { return true };
-        let (sf, synced) = blocking(move || {
-            let r = sf.sync();
-            (sf, r)
-        })
-        .await;
-        self.file = Some(sf);
-        self.dirty = false;
-        let ckpt = match synced {
-            Ok(c) => c,
-            Err(e) => {
-                error!(
-                    session = self.session,
-                    "fdatasync of session file failed: {e}; session stops until restart"
-                );
-                self.failed = true;
+    /// Writes the rendered lines to the file (page cache), retrying
+    /// transient errors; false after a fail-stop.
+    async fn write_pending(&mut self) -> bool {
+        let mut backoff = Backoff::new();
+        loop {
+            if self.failed {
                 return false;
             }
+            let Some(sf) = self.file.as_mut() else { return true };
+            if sf.pending_bytes() == 0 {
+                return true;
+            }
+            match sf.write_pending() {
+                Ok(()) => {
+                    wal::crash_point!("writer::after_write");
+                    return true;
+                }
+                Err(e) if on_error(e.op, &e.source) == OnError::Retry => {
+                    backoff.wait(self, &e.to_string()).await;
+                }
+                Err(e) => {
+                    self.fail_stop(&e.to_string());
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Writes, fdatasyncs and checkpoints the file; false after a
+    /// fail-stop. An fdatasync error is never retried (see [`on_error`]).
+    async fn sync(&mut self) -> bool {
+        if !self.write_pending().await {
+            return false;
+        }
+        let mut backoff = Backoff::new();
+        let ckpt = loop {
+            let Some(mut sf) = self.file.take() else { return true };
+            let (sf, synced) = blocking(move || {
+                let r = sf.sync();
+                (sf, r)
+            })
+            .await;
+            self.file = Some(sf);
+            match synced {
+                Ok(c) => break c,
+                Err(e) if on_error(e.op, &e.source) == OnError::Retry => {
+                    backoff.wait(self, &e.to_string()).await;
+                }
+                Err(e) => {
+                    self.fail_stop(&e.to_string());
+                    return false;
+                }
+            }
         };
+        self.dirty = false;
         wal::crash_point!("writer::after_fsync");
         if let Err(e) = self.cfg.checkpoints.put(&self.session, &ckpt).await {
-            error!(session = self.session, "checkpoint write failed: {e}");
-            self.failed = true;
+            self.fail_stop(&format!("checkpoint write failed: {e}"));
             return false;
         }
         wal::crash_point!("writer::after_checkpoint_put");
@@ -625,6 +751,20 @@ impl Writer {
             lsn: ckpt.last_lsn,
         });
         true
+    }
+
+    /// Syncs, checkpoints and closes the file because another session needs
+    /// its slot (it is reopened on the next frame).
+    async fn close_for_slot(&mut self) {
+        if self.file.is_none() || !self.cfg.open_files.close_asked(&self.session) {
+            return;
+        }
+        if !self.sync().await {
+            return;
+        }
+        self.closed_with_lines |= self.file.as_ref().is_some_and(|f| f.size() > 0);
+        self.close_file();
+        self.cfg.stats.files_closed_for_slots.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Rotates the open file (if it holds anything). Returns its new name.
@@ -649,21 +789,26 @@ impl Writer {
         let sf = self.file.take().expect("open");
         let ckpt = sf.checkpoint();
         drop(sf); // closes the file before the rename
-        let cfg = self.cfg.clone();
-        let session = self.session.clone();
-        let rotated: Result<Option<Rotation>, String> = blocking(move || {
-            rotate_synced(
-                cfg.fs.as_ref(),
-                &cfg.log_dir,
-                cfg.meta.as_ref(),
-                cfg.life,
-                &session,
-                ckpt,
-                reason,
-            )
-            .map_err(|e| e.to_string())
-        })
-        .await;
+        self.close_file();
+        self.closed_with_lines = false;
+        let mut backoff = Backoff::new();
+        let rotated = loop {
+            let cfg = self.cfg.clone();
+            let session = self.session.clone();
+            let attempt: Result<Option<Rotation>, (bool, String)> = blocking(move || {
+                rotate_or_finish(&cfg, &session, ckpt, reason).map_err(|e| {
+                    let transient = e
+                        .downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| on_error(FileOp::Open, io) == OnError::Retry);
+                    (transient, e.to_string())
+                })
+            })
+            .await;
+            match attempt {
+                Err((true, e)) => backoff.wait(self, &format!("rotation failed: {e}")).await,
+                other => break other.map_err(|(_, e)| e),
+            }
+        };
         match rotated {
             Ok(Some(rot)) => {
                 self.cfg.stats.rotations[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
@@ -688,11 +833,7 @@ impl Writer {
             }
             Ok(None) => Ok(None),
             Err(e) => {
-                error!(
-                    session = self.session,
-                    "rotation failed: {e}; session stops until restart"
-                );
-                self.failed = true;
+                self.fail_stop(&format!("rotation failed: {e}"));
                 Err(e)
             }
         }
@@ -704,6 +845,31 @@ impl Writer {
         let age_ms = now_ms().saturating_sub(sf.checkpoint().opened_at_ms);
         sf.size() > 0 && age_ms >= self.cfg.limits.file_age_max.as_millis() as u64
     }
+
+    /// Whether idle rotation has a file with lines to rotate.
+    fn has_lines(&self) -> bool {
+        match &self.file {
+            Some(f) => f.size() > 0,
+            None => self.closed_with_lines,
+        }
+    }
+}
+
+/// Steps 2-4 of a rotation, or, when a previous attempt of this writer
+/// already recorded it (and then failed on a transient error), its
+/// idempotent completion.
+fn rotate_or_finish(
+    cfg: &WriterConfig,
+    session: &str,
+    ckpt: crate::meta::Checkpoint,
+    reason: RotateReason,
+) -> Result<Option<Rotation>, Box<dyn std::error::Error + Send + Sync>> {
+    let (fs, dir, meta) = (cfg.fs.as_ref(), cfg.log_dir.as_path(), cfg.meta.as_ref());
+    if let Some(rot) = meta.rotations()?.into_iter().find(|r| r.session == session) {
+        crate::rotate::complete_rotation(fs, dir, meta, cfg.life, &rot)?;
+        return Ok(Some(rot));
+    }
+    rotate_synced(fs, dir, meta, cfg.life, session, ckpt, reason)
 }
 
 /// One session's writer: appends lines, syncs and checkpoints every flush
@@ -714,28 +880,24 @@ async fn run_writer(
     mut rx: mpsc::UnboundedReceiver<WriterMsg>,
     report_tx: mpsc::UnboundedSender<Report>,
     predecessor: Option<JoinHandle<bool>>,
-    start_failed: bool,
 ) -> bool {
-    // A predecessor that failed dropped frames that are only in the WAL: this
-    // writer must not write later ones after them, so it starts failed too.
-    let mut inherited_failure = start_failed;
-    if let Some(p) = predecessor {
-        match p.await {
-            Ok(failed) => inherited_failure |= failed,
-            Err(e) => {
-                error!(session, "previous session writer panicked: {e}");
-                inherited_failure = true;
-            }
-        }
+    if let Some(p) = predecessor
+        && let Err(e) = p.await
+    {
+        error!(session, "previous session writer panicked: {e}");
     }
     let flush_interval = cfg.flush_interval;
     let idle_timeout = cfg.limits.idle_timeout;
+    let close_wake = Arc::new(Notify::new());
     let mut w = Writer {
         cfg,
         session,
         file: None,
+        slot: None,
+        close_wake: close_wake.clone(),
+        closed_with_lines: false,
         dirty: false,
-        failed: inherited_failure,
+        failed: false,
         last_frame_at: Instant::now(),
         report_tx,
     };
@@ -744,7 +906,7 @@ async fn run_writer(
     loop {
         tokio::select! {
             msg = rx.recv() => match msg {
-                                Some(WriterMsg::Frames(batch, units)) => {
+                Some(WriterMsg::Frames(batch, units)) => {
                     w.frames(batch).await;
                     w.cfg.budget.add_permits(units as usize);
                 },
@@ -753,6 +915,7 @@ async fn run_writer(
                 }
                 None => break,
             },
+            _ = close_wake.notified() => w.close_for_slot().await,
             _ = tick.tick() => {
                 if w.dirty {
                     w.sync().await;
@@ -761,7 +924,7 @@ async fn run_writer(
                     w.rotate(RotateReason::Age).await.ok();
                 }
                 if w.last_frame_at.elapsed() >= idle_timeout && rx.is_empty() {
-                    if !w.failed && w.file.as_ref().is_some_and(|f| f.size() > 0) {
+                    if !w.failed && w.has_lines() {
                         w.rotate(RotateReason::Idle).await.ok();
                         // A rotation waiting for room in the outbox: stay,
                         // and try again at the next tick.
@@ -769,9 +932,8 @@ async fn run_writer(
                             continue;
                         }
                     }
-                    // A failed writer keeps its session until restart: the
-                    // frames it dropped are only in the WAL, and a new
-                    // writer's later seqs would make replay skip them.
+                    // A failed writer has stopped the process: it keeps its
+                    // queue (its frames are in the WAL) until the end.
                     if w.failed {
                         continue;
                     }
@@ -780,7 +942,7 @@ async fn run_writer(
                     rx.close();
                     while let Some(msg) = rx.recv().await {
                         match msg {
-                                                        WriterMsg::Frames(batch, units) => {
+                            WriterMsg::Frames(batch, units) => {
                                 w.frames(batch).await;
                                 w.cfg.budget.add_permits(units as usize);
                             },
@@ -791,14 +953,15 @@ async fn run_writer(
                     }
                     // What came in meanwhile is in a new file: rotate it
                     // too, or it would stay live until the session returns.
-                    if !w.failed && w.file.as_ref().is_some_and(|f| f.size() > 0) {
+                    if !w.failed && w.has_lines() {
                         w.rotate(RotateReason::Idle).await.ok();
                     }
                     if w.dirty {
                         w.sync().await;
                     }
+                    w.close_file();
                     w.cfg.stats.evictions.fetch_add(1, Ordering::Relaxed);
-                                        let _ = w.report_tx.send(Report::Stopped { session: w.session.clone(), failed: w.failed });
+                    let _ = w.report_tx.send(Report::Stopped { session: w.session.clone() });
                     return w.failed;
                 }
             }
@@ -807,6 +970,7 @@ async fn run_writer(
     if w.dirty {
         w.sync().await;
     }
+    w.close_file();
     w.failed
 }
 
@@ -930,5 +1094,54 @@ fn lower_to_idle_priority() {
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
     if rc != 0 {
         debug!("SCHED_IDLE not available: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Error;
+
+    #[test]
+    fn shortages_are_retried_and_every_other_error_stops_the_process() {
+        let os = Error::from_raw_os_error;
+        for op in [FileOp::Open, FileOp::Write] {
+            for code in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EAGAIN, libc::EINTR] {
+                assert_eq!(on_error(op, &os(code)), OnError::Retry, "{op} {code}");
+            }
+            for code in [
+                libc::EIO,
+                libc::ENOSPC,
+                libc::EDQUOT,
+                libc::EROFS,
+                libc::EACCES,
+                libc::ELOOP,
+            ] {
+                assert_eq!(on_error(op, &os(code)), OnError::FailStop, "{op} {code}");
+            }
+        }
+        // The directory's fsync opens it first: only a shortage on that open
+        // is retried.
+        assert_eq!(on_error(FileOp::DirSync, &os(libc::EMFILE)), OnError::Retry);
+        assert_eq!(on_error(FileOp::DirSync, &os(libc::EIO)), OnError::FailStop);
+        assert_eq!(on_error(FileOp::DirSync, &os(libc::EINTR)), OnError::FailStop);
+    }
+
+    #[test]
+    fn an_fdatasync_error_is_never_retried_whatever_its_errno() {
+        for code in [
+            libc::EIO,
+            libc::ENOSPC,
+            libc::EMFILE,
+            libc::ENOMEM,
+            libc::EAGAIN,
+            libc::EINTR,
+        ] {
+            assert_eq!(
+                on_error(FileOp::DataSync, &Error::from_raw_os_error(code)),
+                OnError::FailStop,
+                "{code}"
+            );
+        }
     }
 }

@@ -1598,3 +1598,207 @@ async fn every_client_subcommand_takes_host_port_or_a_url_and_names_a_bad_target
     let sent: Vec<&str> = sessions["tgt"].iter().map(|l| l.content.as_str()).collect();
     assert_eq!(sent, ["one", "one"]);
 }
+
+// ---------------------------------------------------------------------------
+// 9. Faults in session files and too few descriptors
+// ---------------------------------------------------------------------------
+
+/// Polls until the session's files hold `want` lines (or `timeout`).
+async fn wait_lines(dir: &Path, session: &str, want: usize, timeout: Duration, server: &Server) {
+    let t = Instant::now();
+    loop {
+        let have = read_sessions(dir).get(session).map_or(0, Vec::len);
+        if have >= want {
+            return;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "{session}: {have} of {want} lines in its files after {timeout:?}; stderr:\n{}",
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts `session`'s files hold exactly seqs `1..=n`, once each, in order.
+fn assert_seqs_once(dir: &Path, session: &str, n: i64) {
+    let sessions = read_sessions(dir);
+    let seqs: Vec<i64> = sessions
+        .get(session)
+        .map_or(Vec::new(), |l| l.iter().map(|l| l.seq).collect());
+    assert_eq!(
+        seqs,
+        (1..=n).collect::<Vec<_>>(),
+        "{session}: every acked frame once, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn a_transient_emfile_opening_a_session_file_is_retried_and_the_frames_land_exactly_once() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    // The first three opens of a session file fail with EMFILE (24).
+    let (mut server, metrics) = start_with_metrics(
+        &dir,
+        &[
+            ("FAILPOINTS", "session_file::open=3*return(24)"),
+            ("LOG_FLUSH_INTERVAL_MS", "50"),
+        ],
+    );
+    let mut client = server.client().await;
+    let frames: Vec<LogFrame> = (1..=10).map(|k| frame("emfile", 0, &format!("line {k}"))).collect();
+    assert_eq!(batch(&mut client, frames).await.unwrap().frames_accepted, 10);
+    wait_lines(&dir, "emfile", 10, Duration::from_secs(30), &server).await;
+    assert!(
+        server.try_exit_status().is_none(),
+        "logd stays up after a transient error"
+    );
+    let m = Metrics::scrape(&metrics);
+    assert_eq!(m.value("logd_session_io_retries_total", &[]), 3.0);
+    // Later frames of the same session land too.
+    let frames: Vec<LogFrame> = (11..=12).map(|k| frame("emfile", 0, &format!("line {k}"))).collect();
+    assert_eq!(batch(&mut client, frames).await.unwrap().frames_accepted, 2);
+    stop(&mut server).await;
+    assert_seqs_once(&dir, "emfile", 12);
+    assert!(
+        server.stderr().contains("Too many open files") && server.stderr().contains("retrying"),
+        "the retry is logged:\n{}",
+        server.stderr()
+    );
+}
+
+/// A non-transient error of a session file stops logd with a non-zero exit
+/// (as a WAL error does); the next start recovers every acked frame.
+async fn a_session_file_error_stops_logd_and_the_next_start_recovers(failpoint: &str) {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let mut server = Server::start(&dir, &[("FAILPOINTS", failpoint), ("LOG_FLUSH_INTERVAL_MS", "50")]);
+    let mut client = server.client().await;
+    let mut acked = 0i64;
+    for k in 0..5 {
+        let frames: Vec<LogFrame> = (0..4).map(|j| frame("eio", 0, &format!("line {k}.{j}"))).collect();
+        match batch(&mut client, frames).await {
+            Ok(r) => acked += r.frames_accepted,
+            Err(_) => break, // logd is stopping
+        }
+    }
+    assert!(acked >= 4, "acked {acked}");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_exit_status() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "logd is still running 30 s after {failpoint}; stderr:\n{}",
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stderr = server.stderr();
+    assert_eq!(status.code(), Some(1), "exit status {status:?}; stderr:\n{stderr}");
+    assert!(stderr.contains("stopping logd"), "{stderr}");
+    server.extra.clear();
+    server.restart();
+    stop(&mut server).await;
+    assert_seqs_once(&dir, "eio", acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn an_eio_writing_a_session_file_stops_logd_with_exit_1_and_the_next_start_recovers_every_acked_frame() {
+    a_session_file_error_stops_logd_and_the_next_start_recovers("session_file::write=return(5)").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn an_fdatasync_error_on_a_session_file_is_never_retried_and_stops_logd_with_exit_1() {
+    a_session_file_error_stops_logd_and_the_next_start_recovers("session_file::sync_data=return(5)").await;
+}
+
+/// With RLIMIT_NOFILE at 256 (set for the child, not raisable), 1,500
+/// sessions get frames in large batches: logd closes the least recently
+/// used files to stay within LOGD_OPEN_FILES_MAX (default: half the limit),
+/// every frame is acked and lands once, and the process stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_sessions_than_file_descriptors_are_all_written_exactly_once_and_logd_stays_up() {
+    const NOFILE: u64 = 256;
+    const SESSIONS: usize = 1_500;
+    const ROUNDS: i64 = 3;
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = serve_command(&dir, &[("LOG_FLUSH_INTERVAL_MS", "100"), ("LOG_COMPRESSION", "none")]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let lim = libc::rlimit {
+                rlim_cur: NOFILE,
+                rlim_max: NOFILE,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (mut server, lines) = spawn_logd(cmd, &dir, td.dir.path().join("nofile.stderr"));
+    let metrics = wait_line(&lines, "logd: metrics on ", Duration::from_secs(60), &server);
+    server.addr = format!(
+        "http://{}",
+        wait_line(&lines, "logd: listening on ", Duration::from_secs(60), &server)
+    );
+    let pid = pid_of(&server);
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(&format!(" {NOFILE} "))),
+        "{limits}"
+    );
+    let mut client = server.client().await;
+    for round in 1..=ROUNDS {
+        for chunk in (0..SESSIONS).collect::<Vec<_>>().chunks(500) {
+            let frames: Vec<LogFrame> = chunk
+                .iter()
+                .map(|i| frame(&format!("many-{i:05}"), round, &format!("s{i} r{round}")))
+                .collect();
+            let r = batch(&mut client, frames).await.expect("WriteLogBatch");
+            assert_eq!(r.frames_accepted, chunk.len() as i64, "{r:?}");
+        }
+    }
+    // Every frame reaches its file while logd runs.
+    let t = Instant::now();
+    loop {
+        let sessions = read_sessions(&dir);
+        let complete = sessions.values().filter(|l| l.len() == ROUNDS as usize).count();
+        if complete == SESSIONS {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{complete} of {SESSIONS} sessions complete after 60 s; exit: {:?}; stderr tail:\n{}",
+            server.try_exit_status(),
+            server.stderr().lines().rev().take(20).collect::<Vec<_>>().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(server.try_exit_status().is_none(), "logd stays up");
+    let m = Metrics::scrape(&metrics);
+    let open = m.value("logd_open_files", &[]);
+    assert!(open > 0.0 && open <= NOFILE as f64, "logd_open_files {open}");
+    assert!(
+        m.value("logd_session_files_closed_for_slots_total", &[]) > 0.0,
+        "files were closed to make room"
+    );
+    stop(&mut server).await;
+    let sessions = read_sessions(&dir);
+    assert_eq!(sessions.len(), SESSIONS);
+    for (s, lines) in &sessions {
+        let seqs: Vec<i64> = lines.iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, (1..=ROUNDS).collect::<Vec<_>>(), "{s}");
+    }
+    let stderr = std::fs::read_to_string(td.dir.path().join("nofile.stderr")).unwrap();
+    assert!(!stderr.contains("stopping logd"), "no fail-stop:\n{stderr}");
+}
