@@ -493,6 +493,9 @@ fn print_recovery(
             left.join(", ")
         );
     }
+    for f in &l.foreign_files_moved {
+        println!("moved a foreign file at a session file's name aside (not logd's; never written through): {f}");
+    }
     for f in &l.empty_files_removed {
         let verb = if args.dry_run { "would remove" } else { "removed" };
         println!("{verb} an empty session file without frames: {f}");

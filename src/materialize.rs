@@ -194,6 +194,47 @@ fn open_session_file(fs: &dyn Fs, path: &Path, mode: OpenMode) -> io::Result<Box
     fs.open(path, mode)
 }
 
+/// Whether the file starts the way every file logd writes does (`{"seq":`,
+/// or a prefix of it, or a zero byte where a write was lost in a crash).
+fn starts_like_logd(file: &dyn FsFile) -> io::Result<bool> {
+    const HEAD: &[u8] = b"{\"seq\":";
+    let mut buf = [0u8; HEAD.len()];
+    let n = file.read_at(&mut buf, 0)?;
+    Ok(n == 0 || buf[0] == 0 || buf[..n] == HEAD[..n])
+}
+
+/// Why frames for `session` must be refused: its file's name in `log_dir`
+/// holds a symbolic link or something that is not a regular file (logd never
+/// writes through one). None when the name is free or a regular file.
+pub fn session_file_refusal(log_dir: &Path, session: &str) -> Option<String> {
+    let path = logtmp_path(log_dir, session);
+    let m = std::fs::symlink_metadata(&path).ok()?;
+    let what = if m.file_type().is_symlink() {
+        "a symbolic link"
+    } else if !m.is_file() {
+        "not a regular file"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "session file {} is {what}: logd does not write through it (remove or rename it)",
+        path.display()
+    ))
+}
+
+/// Renames a foreign file found at a session's path to
+/// `<name>.foreign-<unix ms>` (a rename never follows a symbolic link, so a
+/// link's target is untouched) and fsyncs the directory. Returns the new
+/// path.
+pub fn move_aside(fs: &dyn Fs, dir: &Path, path: &Path) -> io::Result<PathBuf> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".foreign-{}", crate::events::now_ms()));
+    let aside = PathBuf::from(aside);
+    fs.rename(path, &aside)?;
+    fs.sync_dir(dir)?;
+    Ok(aside)
+}
+
 /// `Err(errno)` when the failpoint `name` is set to `return(<errno>)`.
 fn injected_error(name: &str) -> io::Result<()> {
     fail::fail_point!(name, |errno: Option<String>| {
@@ -238,6 +279,7 @@ pub struct SessionFile {
     pending: Vec<u8>,
     needs_dir_sync: bool,
     opened_at_ms: u64,
+    moved_aside: Option<PathBuf>,
 }
 
 impl SessionFile {
@@ -255,10 +297,20 @@ impl SessionFile {
         ckpt: Option<Checkpoint>,
     ) -> io::Result<(Self, OpenRepair)> {
         let path = logtmp_path(dir, session);
-        if !fs.exists(&path) {
-            return Ok((SessionFile::absent(fs, dir, path, ckpt), OpenRepair::default()));
-        }
-        let file = open_session_file(fs.as_ref(), &path, OpenMode::CreateOrOpen)?;
+        let file = match open_session_file(fs.as_ref(), &path, OpenMode::ReadWrite) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok((SessionFile::absent(fs, dir, path, ckpt), OpenRepair::default()));
+            }
+            // A symbolic link, a FIFO, a directory…: never opened through.
+            Err(e) if wal::fs::is_foreign_file_error(&e) => {
+                let aside = move_aside(fs.as_ref(), dir, &path)?;
+                let mut sf = SessionFile::absent(fs, dir, path, ckpt);
+                sf.moved_aside = Some(aside);
+                return Ok((sf, OpenRepair::default()));
+            }
+            Err(e) => return Err(e),
+        };
         let len = file.len()?;
         let State {
             start,
@@ -267,6 +319,17 @@ impl SessionFile {
             last_lsn,
             mut repair,
         } = inspect(file.as_ref(), len, ckpt)?;
+        if end == 0 && len > 0 && ckpt.is_none_or(|c| c.offset == 0) && !starts_like_logd(file.as_ref())? {
+            // Not one line of it is logd's, nothing was checkpointed in it,
+            // and it does not even start like logd's first write torn by a
+            // crash (a prefix of `{"seq":`, or a hole of zeros): not logd's
+            // file (an operator's, or planted). Never cut it.
+            drop(file);
+            let aside = move_aside(fs.as_ref(), dir, &path)?;
+            let mut sf = SessionFile::absent(fs, dir, path, ckpt);
+            sf.moved_aside = Some(aside);
+            return Ok((sf, OpenRepair::default()));
+        }
         if end < len {
             file.set_len(end)?;
             file.sync_data()?;
@@ -290,6 +353,7 @@ impl SessionFile {
                 Some(c) if c.opened_at_ms > 0 => c.opened_at_ms,
                 _ => crate::events::now_ms(),
             },
+            moved_aside: None,
         };
         Ok((sf, repair))
     }
@@ -311,7 +375,15 @@ impl SessionFile {
             // Set when the file is created; until then the checkpoint stays
             // as it was (recovery passes are idempotent).
             opened_at_ms: ckpt.map_or(0, |c| c.opened_at_ms),
+            moved_aside: None,
         }
+    }
+
+    /// Where a foreign file found at this session's path was moved (once):
+    /// a symbolic link, a file that is not regular, or one holding no line
+    /// of logd's without a checkpoint.
+    pub fn take_moved_aside(&mut self) -> Option<PathBuf> {
+        self.moved_aside.take()
     }
 
     /// Whether the file exists (a session without lines has none).
@@ -323,10 +395,14 @@ impl SessionFile {
     /// the highest seq the file holds and the bytes it would cut.
     pub fn probe(fs: &dyn Fs, dir: &Path, session: &str, ckpt: Option<Checkpoint>) -> io::Result<(i64, OpenRepair)> {
         let path = logtmp_path(dir, session);
-        if !fs.exists(&path) {
-            return Ok((ckpt.map_or(0, |c| c.last_seq), OpenRepair::default()));
-        }
-        let file = fs.open(&path, OpenMode::Read)?;
+        let file = match fs.open(&path, OpenMode::Read) {
+            Ok(f) => f,
+            // Missing, or foreign (it would be moved aside): no lines.
+            Err(e) if e.kind() == io::ErrorKind::NotFound || wal::fs::is_foreign_file_error(&e) => {
+                return Ok((ckpt.map_or(0, |c| c.last_seq), OpenRepair::default()));
+            }
+            Err(e) => return Err(e),
+        };
         let len = file.len()?;
         let mut st = inspect(file.as_ref(), len, ckpt)?;
         st.repair.bytes_trimmed = len - st.end;
@@ -409,8 +485,18 @@ impl SessionFile {
         let file = match &mut self.file {
             Some(f) => f,
             none => {
-                let f = open_session_file(self.fs.as_ref(), &self.path, OpenMode::CreateOrOpen)
-                    .map_err(|e| err(FileOp::Open, e))?;
+                // Created exclusively: whatever appeared at the name since
+                // the open (a planted link, a file) is moved aside first.
+                let f = match open_session_file(self.fs.as_ref(), &self.path, OpenMode::CreateNew) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists || wal::fs::is_foreign_file_error(&e) => {
+                        let aside =
+                            move_aside(self.fs.as_ref(), &self.dir, &self.path).map_err(|e| err(FileOp::Open, e))?;
+                        self.moved_aside = Some(aside);
+                        open_session_file(self.fs.as_ref(), &self.path, OpenMode::CreateNew)
+                    }
+                    other => other,
+                }
+                .map_err(|e| err(FileOp::Open, e))?;
                 self.needs_dir_sync = true;
                 self.opened_at_ms = crate::events::now_ms();
                 none.insert(f)
@@ -590,6 +676,10 @@ pub struct LifecycleRepair {
     /// Empty `.logtmp` files without checkpointed content, removed (or, in
     /// a dry run, to be removed): a session without frames has no file.
     pub empty_files_removed: Vec<String>,
+    /// Foreign files found at a session file's name (symbolic links,
+    /// non-regular files, files without a line of logd's and no checkpoint),
+    /// moved aside untouched: where each went.
+    pub foreign_files_moved: Vec<String>,
 }
 
 /// What replay did for one session.
@@ -802,6 +892,15 @@ impl Replayer {
             .collect()
     }
 
+    fn note_moved_aside(&mut self, sf: &mut SessionFile) {
+        if let Some(aside) = sf.take_moved_aside() {
+            let name = aside
+                .file_name()
+                .map_or_else(|| aside.display().to_string(), |n| n.to_string_lossy().into_owned());
+            self.lifecycle.foreign_files_moved.push(name);
+        }
+    }
+
     /// A replayer that changes nothing and only counts.
     pub fn dry_run(fs: Arc<dyn Fs>, log_dir: &Path, meta: Arc<dyn MetaStore>) -> Self {
         Replayer {
@@ -811,9 +910,13 @@ impl Replayer {
     }
 
     fn close_all(&mut self) -> Result<(), BoxError> {
-        for (session, mut sf) in self.files.drain() {
+        let mut files: Vec<(String, SessionFile)> = self.files.drain().collect();
+        for (session, sf) in &mut files {
             let ckpt = sf.sync()?;
-            self.meta.put_checkpoint(&session, &ckpt)?;
+            self.meta.put_checkpoint(session, &ckpt)?;
+        }
+        for (_, mut sf) in files {
+            self.note_moved_aside(&mut sf);
         }
         Ok(())
     }
@@ -864,7 +967,8 @@ impl Replayer {
                 self.close_all()?;
             }
             let ckpt = self.meta.checkpoint(&frame.session_id)?;
-            let (sf, repair) = SessionFile::open(self.fs.clone(), &self.log_dir, &frame.session_id, ckpt)?;
+            let (mut sf, repair) = SessionFile::open(self.fs.clone(), &self.log_dir, &frame.session_id, ckpt)?;
+            self.note_moved_aside(&mut sf);
             self.per_session
                 .entry(frame.session_id.clone())
                 .or_default()
@@ -937,6 +1041,7 @@ impl recovery::Materializer for Replayer {
                 continue;
             }
             let (mut sf, repair) = SessionFile::open(self.fs.clone(), &self.log_dir, &session, ckpt)?;
+            self.note_moved_aside(&mut sf);
             if repair.bytes_trimmed > 0 {
                 self.per_session.entry(session.clone()).or_default().bytes_trimmed += repair.bytes_trimmed;
             }

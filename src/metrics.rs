@@ -48,6 +48,7 @@ pub struct Metrics {
     session_io_retries: IntCounter,
     session_files_closed_for_slots: IntCounter,
     session_fatal_errors: IntCounter,
+    foreign_files_moved: IntCounter,
     compress_backlog: IntGauge,
     compressed_files: IntCounter,
     compress_bytes_in: IntCounter,
@@ -197,6 +198,11 @@ impl Metrics {
                 "logd_session_fatal_errors_total",
                 "Session file errors that stopped the process (it exits 1; a restart recovers).",
             ),
+            foreign_files_moved: counter(
+                &r,
+                "logd_foreign_files_moved_total",
+                "Symbolic links, non-regular files and files without a line of logd's found at a session file's name, moved aside (never written through).",
+            ),
             compress_backlog: gauge(
                 &r,
                 "logd_compress_backlog_files",
@@ -295,6 +301,7 @@ impl Metrics {
         catch_up(&self.session_io_retries, d.io_retries.load(l));
         catch_up(&self.session_files_closed_for_slots, d.files_closed_for_slots.load(l));
         catch_up(&self.session_fatal_errors, d.fatal_errors.load(l));
+        catch_up(&self.foreign_files_moved, d.foreign_files_moved.load(l));
         self.compress_backlog.set(d.compress_backlog.load(l) as i64);
         catch_up(&self.compressed_files, d.compressed_files.load(l));
         catch_up(&self.compress_bytes_in, d.compress_bytes_in.load(l));

@@ -232,7 +232,8 @@ pub struct Compressed {
 
 /// Makes `<name>.gz` from the rotated `name` (step 1 of compression).
 /// Idempotent: an existing `.gz` is complete (it appears only by rename
-/// after fdatasync) and is reused; a leftover `.gz.tmp` is replaced.
+/// after fdatasync) and is reused; a leftover `.gz.tmp` is removed and
+/// created anew (`O_EXCL`).
 pub fn compress_step(fs: &dyn Fs, log_dir: &Path, name: &str, level: u32) -> io::Result<Compressed> {
     let src = log_dir.join(name);
     let gz = log_dir.join(format!("{name}.gz"));
@@ -252,7 +253,15 @@ pub fn compress_step(fs: &dyn Fs, log_dir: &Path, name: &str, level: u32) -> io:
     }
     let input = fs.open(&src, OpenMode::Read)?;
     let bytes_in = input.len()?;
-    let out = fs.open(&tmp, OpenMode::CreateTruncate)?;
+    // A leftover `.gz.tmp` (a crash mid-compression) is removed, never
+    // opened: whatever is at that name (even a symbolic link) is not
+    // written through, and the new one is created exclusively.
+    match fs.remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let out = fs.open(&tmp, OpenMode::CreateNew)?;
     wal::crash_point!("compress::after_tmp_open");
     let mut enc = flate2::write::GzEncoder::new(
         FsWriter {

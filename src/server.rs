@@ -746,9 +746,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let wal_opts = store.wal_options().map_err(anyhow::Error::msg)?;
     let life = args.lifecycle.lifecycle();
+    let foreign_moved_in_recovery = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (wal, report) = {
         let (fs, log_dir, meta, wal_dir) = (fs.clone(), store.log_dir.clone(), meta.clone(), store.wal_dir());
         let m = metrics.clone();
+        let foreign_moved = foreign_moved_in_recovery.clone();
         tokio::task::spawn_blocking(move || {
             let mut replayer = Replayer::new(fs.clone(), &log_dir, meta)
                 .with_lifecycle(life)
@@ -775,6 +777,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     compressions_queued = l.compressions_queued,
                     "recovery: the metadata store held no checkpoints; rebuilt it from the session files and the WAL"
                 );
+            }
+            foreign_moved.store(l.foreign_files_moved.len() as u64, Ordering::Relaxed);
+            if !l.foreign_files_moved.is_empty() {
+                error!(moved_to = ?l.foreign_files_moved, "recovery: moved foreign files found at session file names aside (symbolic links, non-regular files, or files without a line of logd's); they were not written through");
             }
             if !l.empty_files_removed.is_empty() {
                 info!(files = ?l.empty_files_removed, "recovery: removed empty session files without frames");
@@ -814,6 +820,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let budget = Arc::new(Semaphore::new(budget_units_total as usize));
     let stats = Arc::new(IngestStats::default());
     let dispatch_stats = Arc::new(DispatchStats::default());
+    dispatch_stats
+        .foreign_files_moved
+        .store(foreign_moved_in_recovery.load(Ordering::Relaxed), Ordering::Relaxed);
     let (to_dispatcher, dispatcher_rx) = mpsc::unbounded_channel();
     let start_lsn = wal.next_lsn();
     let segments = wal.segments();
@@ -936,6 +945,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         active_sessions,
         idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
         rotations_wait,
+        log_dir: store.log_dir.clone(),
     });
     if !shutdown.is_cancelled() {
         health_reporter.set_serving::<LogServiceServer<LogSvc>>().await;

@@ -82,6 +82,9 @@ pub struct Shared {
     pub idle_timeout: Duration,
     /// Why rotations wait now (the event outbox is full), if they do.
     pub rotations_wait: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    /// Where session files live (a frame whose session file's name holds a
+    /// symbolic link is rejected).
+    pub log_dir: std::path::PathBuf,
 }
 
 /// A `RESOURCE_EXHAUSTED` status that tells the client when to retry.
@@ -215,7 +218,13 @@ struct StreamIngest {
     pending: VecDeque<Chunk>,
     /// The session of the last frame that got an active-session slot.
     last_admitted: String,
+    /// Sessions whose file name this stream checked, and the refusal if any.
+    session_files_checked: std::collections::HashMap<String, Option<String>>,
 }
+
+/// Sessions a stream remembers checking ([`StreamIngest::session_file_refusal`])
+/// before it forgets them all and checks again.
+const SESSION_FILE_CHECKS_MAX: usize = 4096;
 
 fn wal_unavailable(why: &str, index: i64) -> Status {
     Status::unavailable(format!(
@@ -234,7 +243,23 @@ impl StreamIngest {
             building_rejections: Vec::new(),
             pending: VecDeque::new(),
             last_admitted: String::new(),
+            session_files_checked: std::collections::HashMap::new(),
         }
+    }
+
+    /// Why frames for `session` are refused (its file's name holds a
+    /// symbolic link or something that is not a regular file), checked once
+    /// per session per stream: one `lstat`.
+    fn session_file_refusal(&mut self, session: &str) -> Option<String> {
+        if let Some(r) = self.session_files_checked.get(session) {
+            return r.clone();
+        }
+        if self.session_files_checked.len() >= SESSION_FILE_CHECKS_MAX {
+            self.session_files_checked.clear();
+        }
+        let r = crate::materialize::session_file_refusal(&self.shared.log_dir, session);
+        self.session_files_checked.insert(session.to_owned(), r.clone());
+        r
     }
 
     /// Validates a frame into the chunk being built. Err: the frame's
@@ -248,6 +273,17 @@ impl StreamIngest {
             self.next_index += 1;
             self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
             self.shared.metrics.frames_rejected.with_label_values(&[rule]).inc();
+            self.building_rejections.push(Rejection { index, reason });
+            return Ok(());
+        }
+        if let Some(reason) = self.session_file_refusal(&frame.session_id) {
+            self.next_index += 1;
+            self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .frames_rejected
+                .with_label_values(&["session_file"])
+                .inc();
             self.building_rejections.push(Rejection { index, reason });
             return Ok(());
         }

@@ -128,6 +128,9 @@ pub struct DispatchStats {
     pub fatal_errors: AtomicU64,
     /// Session files closed because another session needed the slot.
     pub files_closed_for_slots: AtomicU64,
+    /// Foreign files (symbolic links, non-regular files, files without a
+    /// line of logd's) found at a session file's name and moved aside.
+    pub foreign_files_moved: AtomicU64,
 }
 
 fn reason_index(r: RotateReason) -> usize {
@@ -583,6 +586,23 @@ impl Writer {
         self.cfg.fatal.cancel();
     }
 
+    /// Logs and counts a foreign file the session file's open moved aside.
+    fn note_moved_aside(&self, sf: &mut SessionFile) {
+        self.report_moved_aside(sf.take_moved_aside());
+    }
+
+    fn report_moved_aside(&self, moved: Option<std::path::PathBuf>) {
+        if let Some(aside) = moved {
+            error!(
+                session = self.session,
+                moved_to = %aside.display(),
+                "the session file's name held a symbolic link, a file that is not regular, or a file without \
+                 one line of logd's: moved aside untouched (never written through); the session continues in a new file"
+            );
+            self.cfg.stats.foreign_files_moved.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Closes the file and frees its slot.
     fn close_file(&mut self) {
         self.file = None;
@@ -623,7 +643,8 @@ impl Writer {
             })
             .await;
             match opened {
-                Ok((sf, repair)) => {
+                Ok((mut sf, repair)) => {
+                    self.note_moved_aside(&mut sf);
                     if repair.bytes_trimmed > 0 {
                         warn!(
                             session = self.session,
@@ -697,7 +718,10 @@ impl Writer {
             if sf.pending_bytes() == 0 {
                 return true;
             }
-            match sf.write_pending() {
+            let written = sf.write_pending();
+            let moved = sf.take_moved_aside();
+            self.report_moved_aside(moved);
+            match written {
                 Ok(()) => {
                     wal::crash_point!("writer::after_write");
                     return true;

@@ -1802,3 +1802,143 @@ async fn more_sessions_than_file_descriptors_are_all_written_exactly_once_and_lo
     let stderr = std::fs::read_to_string(td.dir.path().join("nofile.stderr")).unwrap();
     assert!(!stderr.contains("stopping logd"), "no fail-stop:\n{stderr}");
 }
+
+// ---------------------------------------------------------------------------
+// 10. Symbolic links and foreign files in LOG_DIR
+// ---------------------------------------------------------------------------
+
+/// Names in `dir` starting with `prefix`.
+fn names_starting(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `LOG_DIR/victim.logtmp` is a symbolic link to a file outside LOG_DIR: a
+/// frame for `victim` is rejected (INVALID reason `session_file`, naming
+/// the link), its neighbour is accepted, and the target keeps its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_for_a_session_whose_file_is_a_symlink_is_rejected_and_the_target_keeps_its_bytes() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let precious = td.dir.path().join("precious.txt");
+    std::fs::write(&precious, b"precious\n").unwrap();
+    std::os::unix::fs::symlink(&precious, dir.join("victim.logtmp")).unwrap();
+    let (mut server, metrics) = start_with_metrics(&dir, &[("LOG_FLUSH_INTERVAL_MS", "50")]);
+    let mut client = server.client().await;
+    let r = batch(
+        &mut client,
+        vec![
+            frame("victim", 0, "must not land in precious.txt"),
+            frame("bystander", 0, "fine"),
+        ],
+    )
+    .await
+    .expect("WriteLogBatch");
+    assert_eq!((r.frames_accepted, r.frames_rejected), (1, 1), "{r:?}");
+    let rej = &r.rejections[0];
+    assert_eq!(rej.index, 0);
+    assert!(
+        rej.reason.contains("victim.logtmp") && rej.reason.contains("symbolic link"),
+        "{}",
+        rej.reason
+    );
+    // (Not read_sessions: it would follow the link.)
+    let t = Instant::now();
+    while std::fs::read_to_string(dir.join("bystander.logtmp")).map_or(0, |t| t.lines().count()) < 1 {
+        assert!(t.elapsed() < Duration::from_secs(30), "bystander's line never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = Metrics::scrape(&metrics);
+    assert_eq!(
+        m.value("logd_frames_rejected_total", &[("reason", "session_file")]),
+        1.0
+    );
+    stop(&mut server).await;
+    server.restart();
+    stop(&mut server).await;
+    assert_eq!(std::fs::read(&precious).unwrap(), b"precious\n");
+    assert!(
+        std::fs::symlink_metadata(dir.join("victim.logtmp"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}
+
+/// The last line of defence, when a link appears after the edge looked: a
+/// symlink planted at the name of a session whose frames are acked but not
+/// yet in a file is moved aside by the next start (never written through),
+/// and the frames land in a file of logd's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn a_symlink_planted_before_a_sessions_file_is_created_is_moved_aside_and_never_written_through() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    // Every open of a session file fails (EMFILE, retried): the acked frames
+    // stay in the WAL only.
+    let mut server = Server::start(&dir, &[("FAILPOINTS", "session_file::open=return(24)")]);
+    let mut client = server.client().await;
+    let frames: Vec<LogFrame> = (1..=3).map(|k| frame("planted", 0, &format!("line {k}"))).collect();
+    assert_eq!(batch(&mut client, frames).await.unwrap().frames_accepted, 3);
+    server.kill9();
+    assert!(!dir.join("planted.logtmp").exists());
+    let precious = td.dir.path().join("precious.txt");
+    std::fs::write(&precious, b"precious\n").unwrap();
+    std::os::unix::fs::symlink(&precious, dir.join("planted.logtmp")).unwrap();
+    server.extra.clear();
+    server.restart();
+    stop(&mut server).await;
+    assert_eq!(std::fs::read(&precious).unwrap(), b"precious\n");
+    let aside = names_starting(&dir, "planted.logtmp.foreign-");
+    assert_eq!(aside.len(), 1, "{:?}", names_starting(&dir, "planted"));
+    assert!(
+        std::fs::symlink_metadata(dir.join(&aside[0]))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        !std::fs::symlink_metadata(dir.join("planted.logtmp"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_seqs_once(&dir, "planted", 3);
+}
+
+/// An operator's own `notes.logtmp` (no checkpoint, not logd's lines) is
+/// moved aside with every byte, not truncated; the session's frames go to a
+/// new file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_logtmp_is_moved_aside_with_its_bytes_not_truncated() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let theirs = b"operator notes, not JSON\nsecond line\n";
+    std::fs::write(dir.join("notes.logtmp"), theirs).unwrap();
+    let (mut server, metrics) = start_with_metrics(&dir, &[("LOG_FLUSH_INTERVAL_MS", "50")]);
+    let mut client = server.client().await;
+    let r = batch(&mut client, vec![frame("notes", 0, "logd's line")])
+        .await
+        .unwrap();
+    assert_eq!(r.frames_accepted, 1);
+    wait_lines(&dir, "notes", 1, Duration::from_secs(30), &server).await;
+    let aside = names_starting(&dir, "notes.logtmp.foreign-");
+    assert_eq!(aside.len(), 1, "{:?}", names_starting(&dir, "notes"));
+    assert_eq!(std::fs::read(dir.join(&aside[0])).unwrap(), theirs);
+    let m = Metrics::scrape(&metrics);
+    assert_eq!(m.value("logd_foreign_files_moved_total", &[]), 1.0);
+    stop(&mut server).await;
+    assert_seqs_once(&dir, "notes", 1);
+    assert!(
+        server.stderr().contains("notes.logtmp.foreign-"),
+        "the move is logged:\n{}",
+        server.stderr()
+    );
+}

@@ -12,7 +12,11 @@
 //! - reads come from the page cache, which after a failed writeback may hold
 //!   bytes the disk never got (clean, so nothing writes them again): code
 //!   that decides from the disk (recovery) calls
-//!   [`FsFile::sync_and_drop_cache`] before it reads.
+//!   [`FsFile::sync_and_drop_cache`] before it reads;
+//! - [`Fs::open`] never follows a symbolic link in the last component of the
+//!   path (`O_NOFOLLOW`: ELOOP) and opens regular files only (anything else
+//!   is refused with [`NotRegularFile`]), so logd never writes, truncates or
+//!   reads through a link someone placed in its directories.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -30,6 +34,29 @@ pub enum OpenMode {
     CreateOrOpen,
     /// Read and write; the file is created empty, replacing any existing one.
     CreateTruncate,
+    /// Read and write; the file is created and must not exist yet
+    /// (`O_CREAT | O_EXCL`: `AlreadyExists` otherwise, even for a dangling
+    /// symbolic link). For temporary files.
+    CreateNew,
+}
+
+/// The error of [`Fs::open`] for a path that exists but is not a regular
+/// file (a FIFO, a device, a socket, a directory).
+#[derive(Debug)]
+pub struct NotRegularFile(pub PathBuf);
+
+impl std::fmt::Display for NotRegularFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is not a regular file", self.0.display())
+    }
+}
+
+impl std::error::Error for NotRegularFile {}
+
+/// Whether `e` (from [`Fs::open`]) says the path is a symbolic link or not a
+/// regular file: something logd did not create and must not open.
+pub fn is_foreign_file_error(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ELOOP) || e.get_ref().is_some_and(|inner| inner.is::<NotRegularFile>())
 }
 
 /// An open file with explicit offsets (no shared cursor, no `O_APPEND`).
@@ -151,15 +178,27 @@ impl FsFile for RealFile {
 
 impl Fs for RealFs {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
+        use std::os::unix::fs::OpenOptionsExt;
         let mut o = OpenOptions::new();
-        std::os::unix::fs::OpenOptionsExt::mode(&mut o, FILE_MODE.load(std::sync::atomic::Ordering::Relaxed));
+        o.mode(FILE_MODE.load(std::sync::atomic::Ordering::Relaxed));
+        // No symbolic link as the last component; O_NONBLOCK so that opening
+        // a FIFO put in its place cannot hang (no effect on regular files).
+        o.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
         match mode {
             OpenMode::Read => o.read(true),
             OpenMode::ReadWrite => o.read(true).write(true),
             OpenMode::CreateOrOpen => o.read(true).write(true).create(true),
             OpenMode::CreateTruncate => o.read(true).write(true).create(true).truncate(true),
+            OpenMode::CreateNew => o.read(true).write(true).create_new(true),
         };
-        Ok(Box::new(RealFile(o.open(path)?)))
+        let file = o.open(path)?;
+        if !file.metadata()?.file_type().is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                NotRegularFile(path.to_path_buf()),
+            ));
+        }
+        Ok(Box::new(RealFile(file)))
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         std::fs::create_dir_all(path)
@@ -192,5 +231,63 @@ impl Fs for RealFs {
     }
     fn exists(&self, path: &Path) -> bool {
         path.exists()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODES: [OpenMode; 5] = [
+        OpenMode::Read,
+        OpenMode::ReadWrite,
+        OpenMode::CreateOrOpen,
+        OpenMode::CreateTruncate,
+        OpenMode::CreateNew,
+    ];
+
+    #[test]
+    fn no_open_mode_follows_a_symbolic_link_and_its_target_keeps_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("precious");
+        std::fs::write(&target, b"precious").unwrap();
+        let link = dir.path().join("victim.logtmp");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        for mode in MODES {
+            let Err(e) = RealFs.open(&link, mode) else {
+                panic!("{mode:?} opened a symbolic link");
+            };
+            assert!(
+                is_foreign_file_error(&e) || (mode == OpenMode::CreateNew && e.kind() == io::ErrorKind::AlreadyExists),
+                "{mode:?}: {e}"
+            );
+        }
+        // A dangling link is not followed either (O_CREAT would create its target).
+        let dangling = dir.path().join("dangling.logtmp");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        for mode in [OpenMode::CreateOrOpen, OpenMode::CreateTruncate, OpenMode::CreateNew] {
+            assert!(RealFs.open(&dangling, mode).is_err(), "{mode:?}");
+        }
+        assert!(!dir.path().join("nowhere").exists());
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn create_new_refuses_an_existing_file_and_a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.gz.tmp");
+        std::fs::write(&f, b"old").unwrap();
+        let e = RealFs.open(&f, OpenMode::CreateNew).err().expect("exists");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&f).unwrap(), b"old");
+
+        let fifo = dir.path().join("fifo.logtmp");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for mode in [OpenMode::Read, OpenMode::ReadWrite, OpenMode::CreateOrOpen] {
+            let e = RealFs.open(&fifo, mode).err().expect("a FIFO is refused");
+            assert!(is_foreign_file_error(&e), "{mode:?}: {e}");
+        }
     }
 }

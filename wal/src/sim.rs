@@ -777,7 +777,10 @@ impl SimFs {
                 return Err(io::Error::new(io::ErrorKind::IsADirectory, "simfs: is a directory"));
             }
             (None, OpenMode::Read | OpenMode::ReadWrite) => return Err(not_found("file", &path)),
-            (None, OpenMode::CreateOrOpen | OpenMode::CreateTruncate) => {
+            (Some(Node::File(_)), OpenMode::CreateNew) => {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "simfs: file exists"));
+            }
+            (None, OpenMode::CreateOrOpen | OpenMode::CreateTruncate | OpenMode::CreateNew) => {
                 let ino = state.new_inode();
                 let dir = state.dir_mut(&parent).expect("checked above");
                 dir.entries.insert(name.clone(), Node::File(ino));
