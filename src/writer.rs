@@ -687,9 +687,6 @@ impl Writer {
                 match sf.append_within(*lsn, frame, size_max) {
                     Appended::Written => {
                         self.dirty = true;
-                        if sf.pending_bytes() >= PENDING_WRITE_BYTES {
-                            self.write_pending().await;
-                        }
                         break;
                     }
                     Appended::Skipped => break,
@@ -700,6 +697,14 @@ impl Writer {
                     }
                 }
             }
+        }
+        // One write per batch (not per frame) once enough is pending.
+        if self
+            .file
+            .as_ref()
+            .is_some_and(|sf| sf.pending_bytes() >= PENDING_WRITE_BYTES)
+        {
+            self.write_pending().await;
         }
         if self.file.as_ref().is_some_and(|sf| sf.size() >= size_max) {
             self.rotate(RotateReason::Size).await.ok();
