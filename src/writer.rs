@@ -691,9 +691,20 @@ impl Writer {
                     }
                     Appended::Skipped => break,
                     Appended::Full => {
-                        if self.rotate(RotateReason::Size).await.is_err() {
-                            return;
+                        if self.rotate(RotateReason::Size).await.is_ok() {
+                            continue;
                         }
+                        if self.failed {
+                            return; // stopped: a restart replays the rest from the WAL
+                        }
+                        // The rotation waits (the event outbox is full) and
+                        // left the file open: the line goes in now, past the
+                        // limit, rather than be dropped (every acked frame is
+                        // written, in order); a later size check rotates.
+                        let sf = self.file.as_mut().expect("a waiting rotation leaves the file open");
+                        sf.append(*lsn, frame);
+                        self.dirty = true;
+                        break;
                     }
                 }
             }
