@@ -5,12 +5,12 @@ use prost::Message;
 
 use crate::pb::LogFrame;
 
-/// The largest seq a session may hold, client-sent or server-assigned:
-/// 2^53 - 1, the largest integer every JSON reader (JavaScript, jq, any
-/// double-based parser) reads exactly from the session files. A client seq
-/// above it is rejected per frame; a server seq after it is refused per
-/// frame (the session has no seq left), never wrapped.
-pub const SEQ_MAX: i64 = (1 << 53) - 1;
+/// The largest seq a session may hold, client-sent or server-assigned: the
+/// whole `int64` range of the contract. A session at `SEQ_MAX` has no seq
+/// left: a `seq == 0` frame after it is refused per frame, never wrapped.
+/// (Readers that parse JSON numbers as doubles must read seqs beyond 2^53
+/// as big integers: the session files write them exactly.)
+pub const SEQ_MAX: i64 = i64::MAX;
 
 /// First second of year 0000 (unix seconds): RFC 3339 writes four-digit
 /// years only, so a `time` before it (or after [`TIME_SECONDS_MAX`]) is
@@ -62,15 +62,6 @@ pub fn validate(frame: &LogFrame, frame_bytes_max: usize) -> Result<(), (&'stati
         return Err((
             "seq",
             format!("invalid seq {}: must be >= 0 (0 = server assigns)", frame.seq),
-        ));
-    }
-    if frame.seq > SEQ_MAX {
-        return Err((
-            "seq",
-            format!(
-                "invalid seq {}: exceeds the largest seq {SEQ_MAX} (2^53 - 1, exact in every JSON reader)",
-                frame.seq
-            ),
         ));
     }
     if let Some(t) = &frame.time
@@ -149,11 +140,6 @@ mod tests {
             ..ok.clone()
         };
         assert!(validate(&top, 1024).is_ok());
-        let over = LogFrame {
-            seq: SEQ_MAX + 1,
-            ..ok.clone()
-        };
-        assert!(validate(&over, 1024).unwrap_err().1.contains("exceeds the largest seq"));
         let big = LogFrame {
             content: "x".repeat(2000),
             ..ok.clone()

@@ -29,13 +29,19 @@ fn seqs_and_contents(log_dir: &std::path::Path, session: &str) -> Vec<(i64, Stri
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_seq_beyond_the_largest_is_refused_per_frame_and_every_acked_frame_is_in_the_file() {
+async fn a_session_at_the_largest_seq_refuses_server_seqs_per_frame_and_every_acked_frame_is_in_the_file() {
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[]);
     let mut client = server.client().await;
-    let max = logd::validate::SEQ_MAX;
+    assert_eq!(
+        logd::validate::SEQ_MAX,
+        i64::MAX,
+        "the whole int64 range of the contract"
+    );
 
-    // The probe's exact sequence: 1, 2, 3, i64::MAX, 0, 0.
+    // The probe's exact sequence: 1, 2, 3, i64::MAX, 0, 0. The old code
+    // wrapped `last + 1` to negative seqs, acked both frames and never wrote
+    // them.
     let frames = vec![
         frame("ovf", 1, "one"),
         frame("ovf", 2, "two"),
@@ -47,48 +53,31 @@ async fn a_seq_beyond_the_largest_is_refused_per_frame_and_every_acked_frame_is_
     let resp = batch(&mut client, frames).await;
     assert_eq!(
         (resp.frames_accepted, resp.frames_duplicate, resp.frames_rejected),
-        (5, 0, 1),
+        (4, 0, 2),
         "{resp:?}"
     );
-    assert_eq!(resp.rejections.len(), 1, "{resp:?}");
-    assert_eq!(resp.rejections[0].index, 3);
-    assert!(
-        resp.rejections[0]
-            .reason
-            .contains(&format!("invalid seq {}: exceeds the largest seq {max}", i64::MAX)),
-        "reason: {:?}",
-        resp.rejections[0].reason
+    assert_eq!(
+        resp.rejections.iter().map(|r| r.index).collect::<Vec<_>>(),
+        [4, 5],
+        "{resp:?}"
     );
+    for r in &resp.rejections {
+        assert!(
+            r.reason
+                .contains(&format!("no seq left: session ovf holds the largest seq {}", i64::MAX)),
+            "reason: {:?}",
+            r.reason
+        );
+    }
     assert_eq!(resp.sessions[0].first_seq, 1);
-    assert_eq!(resp.sessions[0].last_seq, 5, "server seqs continue after 3: {resp:?}");
-    // A resent seq 2 is a duplicate, not a new frame.
-    let resp = batch(&mut client, vec![frame("ovf", 2, "two-again")]).await;
-    assert_eq!((resp.frames_accepted, resp.frames_duplicate), (0, 1), "{resp:?}");
-
-    // At the largest seq: accepted; a server seq after it has no room and is
-    // refused with its reason, never wrapped.
+    assert_eq!(resp.sessions[0].last_seq, i64::MAX, "{resp:?}");
+    // A resent seq 2 is a duplicate, not a new frame; so is a resent i64::MAX.
     let resp = batch(
         &mut client,
-        vec![
-            frame("top", max, "at-max"),
-            frame("top", 0, "no-room"),
-            frame("top", max, "dup"),
-        ],
+        vec![frame("ovf", 2, "two-again"), frame("ovf", i64::MAX, "huge-again")],
     )
     .await;
-    assert_eq!(
-        (resp.frames_accepted, resp.frames_duplicate, resp.frames_rejected),
-        (1, 1, 1),
-        "{resp:?}"
-    );
-    assert_eq!(resp.rejections[0].index, 1, "{resp:?}");
-    assert!(
-        resp.rejections[0]
-            .reason
-            .contains(&format!("session top holds the largest seq {max}")),
-        "reason: {:?}",
-        resp.rejections[0].reason
-    );
+    assert_eq!((resp.frames_accepted, resp.frames_duplicate), (0, 2), "{resp:?}");
 
     // After a restart the same holds (the last seq comes back from disk).
     server.stop();
@@ -96,27 +85,22 @@ async fn a_seq_beyond_the_largest_is_refused_per_frame_and_every_acked_frame_is_
     let mut client = server.client().await;
     let resp = batch(
         &mut client,
-        vec![frame("ovf", 0, "after-restart"), frame("top", 0, "still-no-room")],
+        vec![frame("ovf", 0, "after-restart"), frame("fresh", 0, "unaffected")],
     )
     .await;
     assert_eq!((resp.frames_accepted, resp.frames_rejected), (1, 1), "{resp:?}");
-    assert_eq!(resp.sessions[0].last_seq, 6, "{resp:?}");
-    assert_eq!(resp.rejections[0].index, 1, "{resp:?}");
+    assert_eq!(resp.rejections[0].index, 0, "{resp:?}");
+    assert!(resp.rejections[0].reason.contains("no seq left"), "{resp:?}");
     server.stop();
 
     assert_eq!(
         seqs_and_contents(&td.log_dir(), "ovf"),
-        [
-            (1, "one"),
-            (2, "two"),
-            (3, "three"),
-            (4, "next-a"),
-            (5, "next-b"),
-            (6, "after-restart")
-        ]
-        .map(|(s, c)| (s, c.to_owned()))
+        [(1, "one"), (2, "two"), (3, "three"), (i64::MAX, "huge")].map(|(s, c)| (s, c.to_owned()))
     );
-    assert_eq!(seqs_and_contents(&td.log_dir(), "top"), [(max, "at-max".to_owned())]);
+    assert_eq!(
+        seqs_and_contents(&td.log_dir(), "fresh"),
+        [(1, "unaffected".to_owned())]
+    );
 }
 
 // ---------------------------------------------------------------------------
