@@ -330,7 +330,7 @@ impl Stage for Sequencer {
                 }
                 (Ok(s), Err(e)) => {
                     self.budget.add_permits(s.budget_units as usize);
-                    let _ = s.reply.send(Err(e.to_string()));
+                    let _ = s.reply.send(Err(format!("WAL write failed: {e}")));
                 }
                 (Err((reply, units, why)), _) => {
                     self.budget.add_permits(units as usize);

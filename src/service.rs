@@ -226,9 +226,11 @@ struct StreamIngest {
 /// before it forgets them all and checks again.
 const SESSION_FILE_CHECKS_MAX: usize = 4096;
 
-fn wal_unavailable(why: &str, index: i64) -> Status {
+/// The commit thread could not make a request durable (`why` names the WAL
+/// or the metadata store): nothing from `index` on is acknowledged.
+fn not_durable(why: &str, index: i64) -> Status {
     Status::unavailable(format!(
-        "WAL write failed, frames from stream index {index} on are not acknowledged: {why}"
+        "frames from stream index {index} on are not acknowledged: {why}"
     ))
 }
 
@@ -392,7 +394,7 @@ impl StreamIngest {
                 Ok(Ok(o)) => o,
                 Ok(Err(why)) => {
                     self.shared.metrics.errors.with_label_values(&["wal_unavailable"]).inc();
-                    return Err(wal_unavailable(&why, chunk.end_index));
+                    return Err(not_durable(&why, chunk.end_index));
                 }
                 Err(_) => return Err(Status::unavailable("server is shutting down")),
             };
@@ -623,7 +625,7 @@ impl LogService for LogSvc {
                 })),
                 _ => Err(Status::internal("sequencer did not answer the query")),
             },
-            Ok(Err(why)) => Err(wal_unavailable(&why, 0)),
+            Ok(Err(why)) => Err(not_durable(&why, 0)),
             Err(_) => Err(Status::unavailable("server is shutting down")),
         }
     }

@@ -73,6 +73,10 @@ async fn an_unreadable_metadata_store_while_assigning_seqs_fails_the_frame_and_s
         answer.contains("metadata store unreadable") && answer.contains("failstop"),
         "{answer}"
     );
+    assert!(
+        !answer.contains("WAL"),
+        "the WAL did not fail, the metadata store did: {answer}"
+    );
 
     // The restart serves: nothing was appended for the failed frame.
     let mut server = Server::start(&td.log_dir(), &[]);
