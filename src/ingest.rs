@@ -167,10 +167,7 @@ impl Sequencer {
         if !self.last_seq.contains_key(session) {
             // Only a store that has no value means "unknown session": a read
             // error must not restart seqs at 1.
-            let read = (|| {
-                fail::fail_point!("ingest::meta_read", |_| Err("injected read error".to_owned()));
-                self.meta.checkpoint(session).map_err(|e| e.to_string())
-            })();
+            let read = read_checkpoint(&self.meta, session);
             let last = match read {
                 Ok(c) => c.map_or(0, |c| c.last_seq),
                 Err(e) => {
@@ -243,6 +240,17 @@ impl Sequencer {
     }
 }
 
+// The sequencer bounds server seqs with `checked_add`: that is SEQ_MAX only
+// while SEQ_MAX is the type's maximum.
+const _: () = assert!(SEQ_MAX == i64::MAX);
+
+/// A session's checkpoint from the store (failpoint `ingest::meta_read`
+/// injects a read error).
+fn read_checkpoint(meta: &Arc<dyn MetaStore>, session: &str) -> Result<Option<crate::meta::Checkpoint>, String> {
+    fail::fail_point!("ingest::meta_read", |_| Err("injected read error".to_owned()));
+    meta.checkpoint(session).map_err(|e| e.to_string())
+}
+
 impl Stage for Sequencer {
     type Request = IngestRequest;
     type Staged = Result<Staged, (oneshot::Sender<IngestReply>, u32, String)>;
@@ -264,7 +272,8 @@ impl Stage for Sequencer {
         for mut frame in req.frames {
             let last = self.last_seq.get(&frame.session_id).expect(loaded).last;
             let seq = match frame.seq {
-                0 => match last.checked_add(1).filter(|s| *s <= SEQ_MAX) {
+                // SEQ_MAX is i64::MAX: checked arithmetic is the bound.
+                0 => match last.checked_add(1) {
                     Some(next) => next,
                     None => {
                         outcomes.push(Outcome::NoSeqLeft);

@@ -236,6 +236,7 @@ pub fn move_aside(fs: &dyn Fs, dir: &Path, path: &Path) -> io::Result<PathBuf> {
 }
 
 /// `Err(errno)` when the failpoint `name` is set to `return(<errno>)`.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 fn injected_error(name: &str) -> io::Result<()> {
     fail::fail_point!(name, |errno: Option<String>| {
         let errno = errno.and_then(|e| e.parse().ok()).unwrap_or(libc::EIO);
