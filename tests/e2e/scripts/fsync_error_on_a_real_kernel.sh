@@ -24,6 +24,8 @@ M=$W/mnt
 LOGS=$M/logs
 mkdir -p "$B" "$M"
 LOOP=
+Q=
+MAXKB=
 PID=
 
 skip() { echo "SKIP: $*"; cleanup; exit 77; }
@@ -32,6 +34,9 @@ cleanup() {
     [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
     PID=
     mountpoint -q "$M" && umount "$M"
+    # The limit outlives the attachment (the loop device stays): restore it.
+    [ -n "$MAXKB" ] && echo "$MAXKB" >"$Q/max_sectors_kb" 2>/dev/null
+    MAXKB=
     [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
     mountpoint -q "$B" && umount "$B"
 }
@@ -41,8 +46,19 @@ unfill() { rm -f "$B/fill"; }
 [ "$(id -u)" = 0 ] || skip "not root"
 mount -t tmpfs -o size=64M tmpfs "$B" || skip "cannot mount a tmpfs"
 truncate -s 256M "$B/disk.img"
-mkfs.ext4 -q -F -O ^has_journal "$B/disk.img" >/dev/null 2>&1 || skip "mkfs.ext4 failed"
-LOOP=$(losetup -f --show "$B/disk.img" 2>/dev/null) || skip "no loop device"
+# One I/O request = one aligned 4 KiB block = one tmpfs page, so a write
+# either lands whole or fails whole. With larger requests the loop driver
+# (buffered I/O through lo_rw_aio, Linux >= 6.15) completes a SHORT write to
+# the full tmpfs (the first pages existed, the next needed a new page) as a
+# success: the tail is dropped and fdatasync returns 0. A disk that loses
+# data after a successful fdatasync is not the fault the test is about, and
+# no WAL can survive it (see the commit that added these lines).
+mkfs.ext4 -q -F -b 4096 -O ^has_journal "$B/disk.img" >/dev/null 2>&1 || skip "mkfs.ext4 failed"
+LOOP=$(losetup -f --show -b 4096 "$B/disk.img" 2>/dev/null) || skip "no loop device with 4 KiB blocks"
+Q=/sys/block/${LOOP#/dev/}/queue
+MAXKB=$(cat "$Q/max_sectors_kb" 2>/dev/null)
+echo 4 >"$Q/max_sectors_kb" 2>/dev/null && [ "$(cat "$Q/max_sectors_kb")" = 4 ] \
+    || skip "cannot limit $LOOP to 4 KiB requests (short writes would be lost silently)"
 mount -t ext4 "$LOOP" "$M" || skip "cannot mount ext4 on $LOOP"
 
 N=0
