@@ -216,22 +216,7 @@ pub fn salvage(
         other => return other,
     }
     let started = Instant::now();
-    materializer
-        .prepare()
-        .map_err(|source| Error::Materialize { lsn: 0, source })?;
-    let mut report = Report::default();
-    let mut failure = None;
-    let salvaged = wal::salvage(fs.as_ref(), wal_dir, opts.record_bytes_max, |rec| {
-        if let Err(source) = count(materializer.apply(rec.lsn, rec.payload), &mut report, rec.payload.len()) {
-            failure = Some(Error::Materialize { lsn: rec.lsn, source });
-            return Err(wal::Error::Closed);
-        }
-        Ok(())
-    });
-    if let Some(err) = failure {
-        return Err(err);
-    }
-    let salvaged = salvaged?;
+    let (mut report, salvaged) = salvage_records(fs.as_ref(), wal_dir, opts, materializer)?;
     materializer
         .finish()
         .map_err(|source| Error::Materialize { lsn: 0, source })?;
@@ -275,22 +260,7 @@ pub fn salvage_dry_run(
         other => return other,
     }
     let started = Instant::now();
-    materializer
-        .prepare()
-        .map_err(|source| Error::Materialize { lsn: 0, source })?;
-    let mut report = Report::default();
-    let mut failure = None;
-    let salvaged = wal::salvage(fs.as_ref(), wal_dir, opts.record_bytes_max, |rec| {
-        if let Err(source) = count(materializer.apply(rec.lsn, rec.payload), &mut report, rec.payload.len()) {
-            failure = Some(Error::Materialize { lsn: rec.lsn, source });
-            return Err(wal::Error::Closed);
-        }
-        Ok(())
-    });
-    if let Some(err) = failure {
-        return Err(err);
-    }
-    let salvaged = salvaged?;
+    let (mut report, salvaged) = salvage_records(fs.as_ref(), wal_dir, opts, materializer)?;
     report.segments_scanned = salvaged.segments;
     report.lost = salvaged.lost;
     report.moved_aside_to = Some(aside_path(wal_dir));
@@ -301,6 +271,32 @@ pub fn salvage_dry_run(
         records: report.records_read,
     });
     Ok(report)
+}
+
+/// The part of [`salvage`] and [`salvage_dry_run`] that reads: every
+/// readable record around the damage goes through `materializer`.
+fn salvage_records(
+    fs: &dyn Fs,
+    wal_dir: &Path,
+    opts: WalOptions,
+    materializer: &mut dyn Materializer,
+) -> Result<(Report, wal::SalvageReport), Error> {
+    materializer
+        .prepare()
+        .map_err(|source| Error::Materialize { lsn: 0, source })?;
+    let mut report = Report::default();
+    let mut failure = None;
+    let salvaged = wal::salvage(fs, wal_dir, opts.record_bytes_max, |rec| {
+        if let Err(source) = count(materializer.apply(rec.lsn, rec.payload), &mut report, rec.payload.len()) {
+            failure = Some(Error::Materialize { lsn: rec.lsn, source });
+            return Err(wal::Error::Closed);
+        }
+        Ok(())
+    });
+    if let Some(err) = failure {
+        return Err(err);
+    }
+    Ok((report, salvaged?))
 }
 
 /// Where salvage moves a damaged WAL directory: `<wal>.salvaged-<unix s>`.
