@@ -5,8 +5,9 @@
 //! and is retried with backoff. Each removal is flushed before the next
 //! `XADD`, so a crash can re-send only the one event whose `XADD` was not
 //! yet confirmed by a durable removal (with the same `event_id`). Redis
-//! being down never touches ingest: events wait in the (bounded) outbox. Started only after
-//! the recovery pass, so events of files recovery finished go out too.
+//! being down never touches ingest: events wait in the outbox (bounded by
+//! `LOGD_OUTBOX_EVENTS_MAX`: at it, rotations wait). Started only after the
+//! recovery pass, so events of files recovery finished go out too.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
