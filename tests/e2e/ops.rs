@@ -1110,6 +1110,44 @@ fn can_mount_tmpfs() -> bool {
             .is_ok_and(|o| o.status.success())
 }
 
+/// Starts logd in its own mount namespace with a tmpfs mounted with
+/// `mount_opts` on `<td>/mnt` and `LOG_DIR` at `<td>/mnt/logs` (`unshare -m`,
+/// then `exec`, so the server's pid is logd's). Returns the server, its metrics address and its stderr file.
+fn start_on_private_tmpfs(
+    td: &TestDir,
+    mount_opts: &str,
+    env: &[(&str, &str)],
+    stderr_name: &str,
+) -> (Server, String, std::path::PathBuf) {
+    let mnt = td.dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let log_dir = mnt.join("logs");
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "-m",
+        "sh",
+        "-c",
+        &format!("mount -t tmpfs -o {mount_opts} tmpfs \"$0\" && exec \"$1\" serve"),
+    ])
+    .arg(&mnt)
+    .arg(logd_bin())
+    .env("LOG_DIR", &log_dir)
+    .env("LOGD_LISTEN", "127.0.0.1:0")
+    .env("LOGD_METRICS_LISTEN", "127.0.0.1:0")
+    .env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let stderr_path = td.dir.path().join(stderr_name);
+    let (mut server, lines) = spawn_logd(cmd, &log_dir, stderr_path.clone());
+    let metrics = wait_line(&lines, "logd: metrics on ", Duration::from_secs(60), &server);
+    server.addr = format!(
+        "http://{}",
+        wait_line(&lines, "logd: listening on ", Duration::from_secs(60), &server)
+    );
+    (server, metrics, stderr_path)
+}
+
 #[tokio::test]
 async fn writes_resume_by_themselves_once_disk_space_returns() {
     if !can_mount_tmpfs() {
@@ -1120,31 +1158,18 @@ async fn writes_resume_by_themselves_once_disk_space_returns() {
         return;
     }
     let td = TestDir::new();
-    let mnt = td.dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let log_dir = mnt.join("logs");
-    // logd in its own mount namespace, on a 64 MiB tmpfs; refuse below 32 MiB free.
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "-m",
-        "sh",
-        "-c",
-        "mount -t tmpfs -o size=64m tmpfs \"$0\" && exec \"$1\" serve",
-    ])
-    .arg(&mnt)
-    .arg(logd_bin())
-    .env("LOG_DIR", &log_dir)
-    .env("LOGD_LISTEN", "127.0.0.1:0")
-    .env("LOGD_METRICS_LISTEN", "127.0.0.1:0")
-    .env("LOGD_DISK_FREE_MIN_PERCENT", "0")
-    .env("LOGD_DISK_FREE_MIN_BYTES", (32u64 << 20).to_string())
-    .env("RUST_LOG", "info");
-    let (mut server, lines) = spawn_logd(cmd, &log_dir, td.dir.path().join("tmpfs.stderr"));
-    let metrics = wait_line(&lines, "logd: metrics on ", Duration::from_secs(60), &server);
-    server.addr = format!(
-        "http://{}",
-        wait_line(&lines, "logd: listening on ", Duration::from_secs(60), &server)
+    // logd on a 64 MiB tmpfs; refuse below 32 MiB free.
+    let min_bytes = (32u64 << 20).to_string();
+    let (mut server, metrics, _) = start_on_private_tmpfs(
+        &td,
+        "size=64m",
+        &[
+            ("LOGD_DISK_FREE_MIN_PERCENT", "0"),
+            ("LOGD_DISK_FREE_MIN_BYTES", &min_bytes),
+        ],
+        "tmpfs.stderr",
     );
+    let mnt = td.dir.path().join("mnt");
     let pid = pid_of(&server);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert!(
@@ -1239,30 +1264,8 @@ async fn a_filesystem_reporting_no_capacity_does_not_count_as_below_the_watermar
         return;
     }
     let td = TestDir::new();
-    let mnt = td.dir.path().join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let log_dir = mnt.join("logs");
     // tmpfs with size=0 has no size limit: statvfs reports 0 blocks in total.
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "-m",
-        "sh",
-        "-c",
-        "mount -t tmpfs -o size=0 tmpfs \"$0\" && exec \"$1\" serve",
-    ])
-    .arg(&mnt)
-    .arg(logd_bin())
-    .env("LOG_DIR", &log_dir)
-    .env("LOGD_LISTEN", "127.0.0.1:0")
-    .env("LOGD_METRICS_LISTEN", "127.0.0.1:0")
-    .env("RUST_LOG", "info");
-    let stderr_path = td.dir.path().join("size0.stderr");
-    let (mut server, lines) = spawn_logd(cmd, &log_dir, stderr_path.clone());
-    let metrics = wait_line(&lines, "logd: metrics on ", Duration::from_secs(60), &server);
-    server.addr = format!(
-        "http://{}",
-        wait_line(&lines, "logd: listening on ", Duration::from_secs(60), &server)
-    );
+    let (mut server, metrics, stderr_path) = start_on_private_tmpfs(&td, "size=0", &[], "size0.stderr");
     let mut client = server.client().await;
     let mut accepted = 0;
     for k in 0..3 {
