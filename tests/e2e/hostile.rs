@@ -463,14 +463,8 @@ async fn a_message_that_does_not_decode_is_invalid_argument_with_its_index_after
         .await
         .expect("WriteLogBidi")
         .into_inner();
-    let (mut through, mut accepted) = (0, 0);
-    let err = loop {
-        match acks.message().await {
-            Ok(Some(ack)) => (through, accepted) = (ack.through_index, ack.frames_accepted),
-            Ok(None) => panic!("WriteLogBidi ended without an error (acked through {through})"),
-            Err(e) => break e,
-        }
-    };
+    let (last, err) = acks_until_error(&mut acks).await;
+    let (through, accepted) = (last.through_index, last.frames_accepted);
     eprintln!("WriteLogBidi: {err:?}");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(
@@ -662,14 +656,8 @@ async fn a_new_session_beyond_logd_sessions_active_max_is_resource_exhausted_unt
         .await
         .expect("WriteLogBidi")
         .into_inner();
-    let mut through = 0;
-    let err = loop {
-        match acks.message().await {
-            Ok(Some(ack)) => through = ack.through_index,
-            Ok(None) => panic!("WriteLogBidi ended without an error (acked through {through})"),
-            Err(e) => break e,
-        }
-    };
+    let (last, err) = acks_until_error(&mut acks).await;
+    let through = last.through_index;
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert_eq!(through, 2, "the frames before the new session are acked first");
 

@@ -322,14 +322,8 @@ async fn a_message_over_the_grpc_limit_is_out_of_range_on_every_rpc_after_what_c
         .await
         .expect("WriteLogBidi")
         .into_inner();
-    let mut through = 0;
-    let err = loop {
-        match acks.message().await {
-            Ok(Some(ack)) => through = ack.through_index,
-            Ok(None) => panic!("WriteLogBidi ended without an error (acked through {through})"),
-            Err(e) => break e,
-        }
-    };
+    let (last, err) = acks_until_error(&mut acks).await;
+    let through = last.through_index;
     eprintln!("WriteLogBidi over the limit: {err:?}");
     assert_eq!(err.code(), tonic::Code::OutOfRange, "WriteLogBidi: {err:?}");
     assert_eq!(through, 3, "the frames before the big one are acked before the error");

@@ -299,6 +299,22 @@ pub async fn send_stream(client: &mut LogServiceClient<Channel>, frames: Vec<Log
         .into_inner()
 }
 
+/// Reads a bidi stream's acks until it ends with an error, as it must;
+/// returns the last ack before the error (default if none) and the error.
+pub async fn acks_until_error(acks: &mut tonic::Streaming<WriteLogAck>) -> (WriteLogAck, tonic::Status) {
+    let mut last = WriteLogAck::default();
+    loop {
+        match acks.message().await {
+            Ok(Some(ack)) => last = ack,
+            Ok(None) => panic!(
+                "WriteLogBidi ended without an error (acked through {})",
+                last.through_index
+            ),
+            Err(e) => return (last, e),
+        }
+    }
+}
+
 /// Sends `frames` with WriteLogBidi, returning every ack.
 pub async fn send_bidi(client: &mut LogServiceClient<Channel>, frames: Vec<LogFrame>) -> Vec<WriteLogAck> {
     let mut acks = client
