@@ -7,43 +7,22 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use logd::pb::admin_service_client::AdminServiceClient;
-use logd::pb::{LogBatch, RotateRequest, StatsRequest, StatsResponse};
+use logd::pb::{LogBatch, RotateRequest};
 
 use crate::redis_server::RedisServer;
 use crate::util::*;
 
 const STREAM: &str = "logd:events";
 
-async fn stats(server: &Server) -> StatsResponse {
-    let mut admin = AdminServiceClient::connect(server.addr.clone())
-        .await
-        .expect("connect admin");
-    admin.get_stats(StatsRequest {}).await.expect("GetStats").into_inner()
-}
-
 async fn rotate_all(server: &Server) {
-    let mut admin = AdminServiceClient::connect(server.addr.clone())
+    admin(server)
         .await
-        .expect("connect admin");
-    admin
         .rotate(RotateRequest {
             session_id: String::new(),
             all: true,
         })
         .await
         .expect("Rotate");
-}
-
-/// `.log` and `.tmp` files: what a finished lifecycle leaves none of.
-fn unfinished_files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".log") || n.ends_with(".tmp"))
-        .collect();
-    v.sort();
-    v
 }
 
 /// `.log.gz` files in `dir`.
@@ -55,24 +34,6 @@ fn gz_files(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Waits until every rotated file is compressed and the outbox is empty.
-async fn wait_settled(server: &Server, dir: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = stats(server).await;
-        let left = unfinished_files(dir);
-        if s.compress_backlog == 0 && s.outbox_events == 0 && left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not settled after {timeout:?}: {left:?} left; {s:?}\nstderr:\n{}",
-            server.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Every entry's `event_id`, in stream order.
@@ -156,7 +117,7 @@ async fn a_run_with_many_rotations_and_no_crash_sends_every_event_id_once() {
         assert!(send_round(&server, &sessions, 1).await);
     }
     rotate_all(&server).await;
-    wait_settled(&server, &dir, Duration::from_secs(60)).await;
+    wait_files_settled(&server, &dir, Duration::from_secs(60)).await;
     server.stop();
     let gz = gz_files(&dir);
     assert_eq!(gz.len(), 8 * 25, "one file per write");
@@ -221,7 +182,7 @@ async fn only_the_unconfirmed_event_is_resent(failpoints: Option<&str>) {
         assert!(send_round(&server, &sessions, 1).await);
     }
     rotate_all(&server).await;
-    wait_settled(&server, &dir, Duration::from_secs(60)).await;
+    wait_files_settled(&server, &dir, Duration::from_secs(60)).await;
     server.stop();
     let after = stream_event_ids(&redis.url).await;
     assert!(

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use logd::events::{Event, EventKind, RotateReason};
-use logd::pb::admin_service_client::AdminServiceClient;
 use logd::pb::{LogBatch, LogFrame, RotateRequest, StatsRequest, StatsResponse};
 
 use crate::redis_server::{RedisServer, free_port};
@@ -26,21 +25,6 @@ use crate::util::*;
 
 // ---------------------------------------------------------------------------
 // Talking to the server.
-
-async fn admin(server: &Server) -> AdminServiceClient<tonic::transport::Channel> {
-    AdminServiceClient::connect(server.addr.clone())
-        .await
-        .expect("connect admin")
-}
-
-async fn stats(server: &Server) -> StatsResponse {
-    admin(server)
-        .await
-        .get_stats(StatsRequest {})
-        .await
-        .expect("GetStats")
-        .into_inner()
-}
 
 /// Polls GetStats until `done` holds; panics with the last stats after `timeout`.
 async fn wait_for(
@@ -297,14 +281,6 @@ fn assert_exactly_acked(dir: &Path, files: &[Rotated], acked: &Acked) {
             );
         }
     }
-}
-
-/// Names of leftovers a finished lifecycle must not have.
-fn leftovers(dir: &Path) -> Vec<String> {
-    file_names(dir)
-        .into_iter()
-        .filter(|n| n.ends_with(".tmp") || n.ends_with(".log"))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -1087,26 +1063,6 @@ async fn wait_settled(server: &Server, timeout: Duration) -> StatsResponse {
         s.compress_backlog == 0 && s.compressed_files == s.rotations_size + s.rotations_manual && s.outbox_events == 0
     })
     .await
-}
-
-/// Like [`wait_settled`] for a server that finishes files an earlier
-/// process left (its counters do not know them): waits until no `.log` and
-/// no `.tmp` is left and the outbox is empty.
-async fn wait_files_settled(server: &Server, dir: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = stats(server).await;
-        let left = leftovers(dir);
-        if s.compress_backlog == 0 && s.outbox_events == 0 && left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not settled after {timeout:?}: {left:?} left; {s:?}\nstderr:\n{}",
-            server.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn events_in_both_encodings(encoding: &str) {

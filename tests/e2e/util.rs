@@ -399,3 +399,54 @@ pub fn assert_increasing(session: &str, lines: &[Line]) {
         );
     }
 }
+
+/// An admin client for `server`.
+pub async fn admin(server: &Server) -> logd::pb::admin_service_client::AdminServiceClient<Channel> {
+    logd::pb::admin_service_client::AdminServiceClient::connect(server.addr.clone())
+        .await
+        .expect("connect admin")
+}
+
+/// `server`'s GetStats.
+pub async fn stats(server: &Server) -> logd::pb::StatsResponse {
+    admin(server)
+        .await
+        .get_stats(logd::pb::StatsRequest {})
+        .await
+        .expect("GetStats")
+        .into_inner()
+}
+
+/// `.log` and `.tmp` files in `dir`, sorted: what a finished lifecycle
+/// leaves none of.
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp") || n.ends_with(".log"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits until no `.log` and no `.tmp` is left in `dir`, nothing waits for
+/// compression and the outbox is empty (also for files an earlier process
+/// left, which the server's counters do not know).
+pub async fn wait_files_settled(server: &Server, dir: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = stats(server).await;
+        let left = leftovers(dir);
+        if s.compress_backlog == 0 && s.outbox_events == 0 && left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled after {timeout:?}: {left:?} left; {s:?}\nstderr:\n{}",
+            server.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
