@@ -7,23 +7,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use logd::pb::{LogBatch, RotateRequest};
+use logd::pb::LogBatch;
 
 use crate::redis_server::RedisServer;
 use crate::util::*;
 
 const STREAM: &str = "logd:events";
-
-async fn rotate_all(server: &Server) {
-    admin(server)
-        .await
-        .rotate(RotateRequest {
-            session_id: String::new(),
-            all: true,
-        })
-        .await
-        .expect("Rotate");
-}
 
 /// `.log.gz` files in `dir`.
 fn gz_files(dir: &Path) -> Vec<String> {

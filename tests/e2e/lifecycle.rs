@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use logd::events::{Event, EventKind, RotateReason};
-use logd::pb::{LogBatch, LogFrame, RotateRequest, StatsRequest, StatsResponse};
+use logd::pb::{LogBatch, LogFrame, StatsRequest, StatsResponse};
 
 use crate::redis_server::{RedisServer, free_port};
 use crate::util::*;
@@ -47,20 +47,6 @@ async fn wait_for(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Rotates every active session through the admin RPC; returns the files.
-async fn rotate_all(server: &Server) -> Vec<String> {
-    admin(server)
-        .await
-        .rotate(RotateRequest {
-            session_id: String::new(),
-            all: true,
-        })
-        .await
-        .expect("Rotate")
-        .into_inner()
-        .files
 }
 
 /// `logd rotate --target <server> <args>` (the real CLI); stdout, asserting exit 0.

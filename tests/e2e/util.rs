@@ -450,3 +450,17 @@ pub async fn wait_files_settled(server: &Server, dir: &Path, timeout: Duration) 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Rotates every active session through the admin RPC; returns the files.
+pub async fn rotate_all(server: &Server) -> Vec<String> {
+    admin(server)
+        .await
+        .rotate(logd::pb::RotateRequest {
+            session_id: String::new(),
+            all: true,
+        })
+        .await
+        .expect("Rotate")
+        .into_inner()
+        .files
+}
