@@ -18,8 +18,10 @@
 //!   power cut).
 //! - All file operations go through [`fs::Fs`], so tests can simulate a power
 //!   cut that loses whatever was not fsynced.
-//! - [`sim::SimFs`] simulates that power cut deterministically (seeded
-//!   crashes, torn writes, injected `EIO`).
+//! - `sim::SimFs` (behind the `sim` cargo feature, for tests only: it is
+//!   not compiled into release builds) simulates that power cut
+//!   deterministically (seeded crashes, torn writes, injected `EIO`,
+//!   writeback errors reported once per open file description).
 //!
 //! # Segment files
 //! `<dir>/<first LSN as 16 lowercase hex digits>.wal`, so names sort by LSN.
@@ -109,6 +111,7 @@ pub mod group;
 pub mod log;
 pub mod record;
 pub mod segment;
+#[cfg(feature = "sim")]
 pub mod sim;
 
 pub use error::{Error, Result};
