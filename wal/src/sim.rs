@@ -38,13 +38,19 @@
 //!   the write extended the file; the file length covers the whole write). A
 //!   write that fits inside one sector cannot tear and is kept or dropped.
 //!   Ops replay in order, so a later kept write may persist while an earlier
-//!   dropped one does not, leaving a hole of zeros;
+//!   dropped one does not, leaving a hole of zeros. A disk writes whole
+//!   sectors from the page cache, so what persists of a write is whole
+//!   sectors as the cache held them after that write: a sector shared with
+//!   an earlier write persists with that write's bytes in it too (a later
+//!   batch never persists in a sector without the tail of the batch before
+//!   it);
 //! - each pending namespace op of each directory, in order, is independently
 //!   kept or dropped. A kept unlink or rename only acts if its source name
 //!   durably refers to the same inode, otherwise it is a no-op;
 //! - then the volatile view := the durable image, every pending op is
 //!   cleared, unreachable directories and inodes are forgotten, and every
-//!   handle opened before the crash fails with "stale handle after crash".
+//!   handle opened before the crash fails with "stale handle after a crash or
+//!   kill".
 //!
 //! Iteration is over ordered maps and inode numbers are allocated in order,
 //! so the same workload and the same seed give the same durable image.
@@ -57,31 +63,60 @@
 //! them durable), or, after [`SimFs::set_failed_sync_drops_pending`], are
 //! discarded from the durable path as Linux does when it marks pages clean
 //! after a writeback error: a later sync returns `Ok` without making them
-//! durable, while reads still see them until a crash. Faults persist across
-//! [`SimFs::crash`]; see [`SimFs::clear_faults`]. [`SimFs::fail_unlinks_after`]
-//! makes `remove_file` fail with `EIO` (the name stays).
+//! durable, while reads still see them until a crash. Either way the failure
+//! is a writeback error of the file (below): the failing handle reports it
+//! (and has then seen it), every other handle open at the time reports it
+//! once at its next `sync_data`. Faults persist across [`SimFs::crash`]; see
+//! [`SimFs::clear_faults`]. [`SimFs::fail_unlinks_after`] makes
+//! `remove_file` fail with `EIO` (the name stays).
 //!
 //! # Writeback errors, once per open file description (errseq)
-//! [`SimFs::fail_writeback`] is Linux's background writeback of a file
+//! Linux (since 4.13, `lib/errseq.c`, `Documentation/core-api/errseq.rst`)
+//! keeps one error sequence (`errseq_t`) per file's mapping and samples it
+//! into each
+//! open file description (`f_wb_err`) at open; `fsync`/`fdatasync` report
+//! an error recorded since the description's sample once, then advance the
+//! sample and mark the error seen (`file_check_and_advance_wb_err`). Since
+//! 4.17 (commit b4678df184b3 "errseq: Always report a writeback error
+//! once", backported to stable kernels), `errseq_sample` at open returns 0
+//! when the current error has not
+//! been seen by anyone yet, so a description opened after an error nobody
+//! reported still reports it; one opened after it was reported never does.
+//!
+//! [`SimFs::fail_writeback`] is the kernel's background writeback of a file
 //! failing: the file's pending data ops are discarded from the durable path
 //! (the pages are marked clean though the disk never got them; reads still
-//! see them) and the error is recorded in the inode, as Linux's `errseq_t`
-//! in the file's mapping does. Each [`SimFile`] is one open file description
-//! and samples that record when opened: its next `sync_data` writes back what
-//! is pending and then reports the error once (`EIO`); a later `sync_data` on
-//! the same handle returns `Ok`. Another handle reports it too, once; a handle
-//! opened after some handle has reported it never does. So two threads
-//! syncing one handle see the error once between them, and a restarted
-//! process that reopens the file is not told at all.
+//! see them) and the error is recorded in the inode, as `errseq_t` in the
+//! file's mapping. A failed `sync_data` (injected above) records one the same
+//! way and reports it at once to its own handle. Each [`SimFile`] is one open
+//! file description and samples that record when opened, as above: its next
+//! `sync_data` writes back what is pending and then reports the error once
+//! (`EIO`); a later `sync_data` on the same handle returns `Ok` (although the
+//! lost pages are gone). So two threads syncing one handle see the error
+//! once between them; a restarted process that reopens the file is told only
+//! if nobody was told before. Not modelled: the kernel may evict an inode
+//! nobody holds open, forgetting its error (so the sim reports at least as
+//! much as Linux may).
 //!
-//! # The page cache after a kill
-//! A "kill" is simply dropping every handle without [`SimFs::crash`]: the
-//! volatile view (the page cache) survives, including bytes whose writeback
-//! failed. [`FsFile::drop_cache`] (`POSIX_FADV_DONTNEED`) drops a file's
-//! clean cached pages: its volatile contents become the durable contents with
-//! the still-pending (dirty) ops replayed on top, at the same length (the
-//! in-memory inode size stays; bytes the disk never got read as zeros). It is
-//! exact after a successful `sync_data`, which is how recovery calls it.
+//! # A kill, and the page cache after it
+//! A kill ([`SimFs::kill`], or simply dropping every handle) is not a power
+//! cut: the volatile view (the page cache) survives, including bytes whose
+//! writeback failed (clean pages a restarted process reads back, though the
+//! disk never got them: a later [`SimFs::crash`] loses them, as it loses
+//! every pending op it drops), the pending (dirty) ops and every inode's
+//! writeback error. [`FsFile::drop_cache`] (`POSIX_FADV_DONTNEED`) drops a
+//! file's clean cached pages: its volatile contents become the durable
+//! contents with the still-pending (dirty) ops replayed on top, at the same
+//! length (the in-memory inode size stays; bytes the disk never got read as
+//! zeros). It is exact after a successful `sync_data`, which is how recovery
+//! calls it.
+//!
+//! # Several unsynced writes on one file
+//! Each `write_all_at` is one pending op of the inode, whatever handle made
+//! it: a power cut keeps, tears or drops each one independently (so of three
+//! written-but-unsynced batches the second may survive without the first),
+//! and a `sync_data` through any handle makes every pending op of the inode
+//! durable, in order, including writes made through other handles.
 //!
 //! # Paths
 //! Paths are compared after `Path::components` normalization (`//` and
@@ -153,6 +188,8 @@ pub struct SimStats {
     pub cache_drops: u64,
     /// Crashes simulated so far.
     pub crashes: u64,
+    /// Kills simulated so far ([`SimFs::kill`]).
+    pub kills: u64,
 }
 
 /// What one [`SimFs::crash`] did with the pending operations.
@@ -263,7 +300,7 @@ struct State {
     /// Every directory of the volatile view, by normalized path.
     dirs: BTreeMap<PathBuf, Dir>,
     next_ino: Ino,
-    /// Bumped by each crash; handles of older generations are stale.
+    /// Bumped by each crash and kill; handles of older generations are stale.
     generation: u64,
     faults: Faults,
     stats: SimStats,
@@ -296,7 +333,7 @@ fn eio() -> io::Error {
 }
 
 fn stale() -> io::Error {
-    io::Error::other("stale handle after crash")
+    io::Error::other("stale handle after a crash or kill")
 }
 
 fn not_found(what: &str, path: &Path) -> io::Error {
@@ -458,6 +495,15 @@ impl State {
                 inode.pending.clear();
                 inode.lost = true;
             }
+            // The writeback this sync started failed: the error goes into
+            // the inode's errseq (every other description open now reports
+            // it once, at its next sync) and this description reports it
+            // now, which marks it seen (a description opened later is not
+            // told). Linux: mapping_set_error, then
+            // file_check_and_advance_wb_err.
+            inode.wb_err += 1;
+            inode.wb_err_seen = true;
+            sampled.store(inode.wb_err, std::sync::atomic::Ordering::SeqCst);
             return Err(eio());
         }
         for op in inode.pending.drain(..) {
@@ -505,35 +551,62 @@ impl State {
         Ok(())
     }
 
+    /// A kill: see [`SimFs::kill`].
+    fn kill(&mut self) {
+        for inode in self.inodes.values_mut() {
+            inode.handles = 0;
+        }
+        let inos: Vec<Ino> = self.inodes.keys().copied().collect();
+        for ino in inos {
+            self.try_gc(ino);
+        }
+        self.generation += 1;
+        self.stats.kills += 1;
+    }
+
     fn crash(&mut self, mut rng: Option<SplitMix64>) -> CrashReport {
         let mut report = CrashReport::default();
         for inode in self.inodes.values_mut() {
+            // The file as the page cache held it after each op in turn: a
+            // sector reaches the disk whole, with the bytes of every earlier
+            // op in it, so a write that persists carries the rest of its
+            // first and last sectors from here.
+            let mut cache = inode.durable.clone();
             for op in std::mem::take(&mut inode.pending) {
+                apply(&mut cache, &op);
                 match op {
-                    DataOp::Write { offset, data } => match chance(&mut rng, 3) {
-                        0 => report.writes_dropped += 1,
-                        1 => {
-                            write_into(&mut inode.durable, offset, &data);
-                            report.writes_kept += 1;
-                        }
-                        _ => {
-                            let (first, count) = inner_boundaries(offset, data.len() as u64);
-                            if count > 0 {
-                                let cut = first + SECTOR_BYTES * chance(&mut rng, count);
-                                let end = offset as usize + data.len();
-                                if inode.durable.len() < end {
-                                    inode.durable.resize(end, 0);
-                                }
-                                write_into(&mut inode.durable, offset, &data[..(cut - offset) as usize]);
-                                report.writes_torn += 1;
-                            } else if chance(&mut rng, 2) == 1 {
-                                write_into(&mut inode.durable, offset, &data);
+                    DataOp::Write { offset, data } => {
+                        let end = offset + data.len() as u64;
+                        let persist = |durable: &mut Vec<u8>, cut: u64| {
+                            let from = offset / SECTOR_BYTES * SECTOR_BYTES;
+                            let to = cut.div_ceil(SECTOR_BYTES) * SECTOR_BYTES;
+                            let to = to.min(cache.len() as u64);
+                            write_into(durable, from, &cache[from as usize..to as usize]);
+                        };
+                        match chance(&mut rng, 3) {
+                            0 => report.writes_dropped += 1,
+                            1 => {
+                                persist(&mut inode.durable, end);
                                 report.writes_kept += 1;
-                            } else {
-                                report.writes_dropped += 1;
+                            }
+                            _ => {
+                                let (first, count) = inner_boundaries(offset, data.len() as u64);
+                                if count > 0 {
+                                    let cut = first + SECTOR_BYTES * chance(&mut rng, count);
+                                    if inode.durable.len() < end as usize {
+                                        inode.durable.resize(end as usize, 0);
+                                    }
+                                    persist(&mut inode.durable, cut);
+                                    report.writes_torn += 1;
+                                } else if chance(&mut rng, 2) == 1 {
+                                    persist(&mut inode.durable, end);
+                                    report.writes_kept += 1;
+                                } else {
+                                    report.writes_dropped += 1;
+                                }
                             }
                         }
-                    },
+                    }
                     DataOp::SetLen(len) => {
                         if chance(&mut rng, 2) == 1 {
                             inode.durable.resize(len as usize, 0);
@@ -641,6 +714,19 @@ impl SimFs {
     /// pending op with a PRNG seeded by `seed`.
     pub fn crash(&self, seed: u64) -> CrashReport {
         self.lock().crash(Some(SplitMix64::new(seed)))
+    }
+
+    /// Simulates a kill of the process (`kill -9`), not a power cut: every
+    /// handle opened so far becomes stale (its calls fail, as the fds of a
+    /// dead process are closed), while the page cache stays as it is:
+    /// volatile contents (including pages whose writeback failed: clean,
+    /// readable, never on the disk), pending (dirty) ops, which a later
+    /// sync or power cut decides, and each inode's writeback error state
+    /// (an error nobody reported is reported to the next process). Dropping
+    /// every handle does the same; this also stops handles a killed
+    /// process's leftover threads still hold.
+    pub fn kill(&self) {
+        self.lock().kill();
     }
 
     /// Simulates a power cut that loses every pending op: afterwards the
@@ -1369,6 +1455,149 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_sync_is_reported_once_to_every_other_description_open_when_it_failed() {
+        for drops in [false, true] {
+            let fs = fs_with_file(b"old");
+            let a = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+            let b = fs.open(p("/d/f"), OpenMode::Read).unwrap();
+            a.write_all_at(b"new", 0).unwrap();
+            fs.set_failed_sync_drops_pending(drops);
+            fs.set_sync_error(true);
+            assert_eq!(a.sync_data().unwrap_err().raw_os_error(), Some(EIO));
+            fs.clear_faults();
+            a.sync_data().expect("the failing description has seen its error");
+            assert_eq!(
+                b.sync_data().unwrap_err().raw_os_error(),
+                Some(EIO),
+                "drops {drops}: a description open at the failure is told once"
+            );
+            b.sync_data().unwrap();
+            // Opened after the failing sync reported it: never told.
+            fs.open(p("/d/f"), OpenMode::Read).unwrap().sync_data().unwrap();
+            let durable = fs.durable_read(p("/d/f")).unwrap();
+            assert_eq!(durable, if drops { &b"old"[..] } else { &b"new"[..] }, "drops {drops}");
+        }
+    }
+
+    #[test]
+    fn a_sync_through_one_description_makes_the_writes_of_every_description_durable() {
+        let fs = fs_with_file(b"");
+        let a = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+        let b = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+        a.write_all_at(b"aaaa", 0).unwrap();
+        b.write_all_at(b"bb", 4).unwrap();
+        a.write_all_at(b"cc", 6).unwrap();
+        assert_eq!(fs.pending_data_ops(p("/d/f")), Some(3));
+        let c = fs.open(p("/d/f"), OpenMode::Read).unwrap();
+        c.sync_data().unwrap();
+        assert_eq!(fs.pending_data_ops(p("/d/f")), Some(0));
+        fs.crash_dropping_all();
+        assert_eq!(fs.read_file(p("/d/f")).unwrap(), b"aaaabbcc");
+    }
+
+    #[test]
+    fn a_power_cut_keeps_tears_or_drops_each_of_several_unsynced_batches_independently() {
+        // Whole sectors each, so that no sector holds two batches (see the
+        // next test for one that does).
+        const BATCH: usize = 3 * SECTOR_BYTES as usize;
+        // What a crash did with batch i: 0 dropped, 1 torn, 2 kept.
+        let mut seen = BTreeSet::new();
+        for seed in 0..SEEDS {
+            let fs = fs_with_file(b"");
+            let f = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+            for i in 0..3u8 {
+                f.write_all_at(&[b'1' + i; BATCH], (i as usize * BATCH) as u64).unwrap();
+            }
+            fs.crash(seed);
+            let data = fs.read_file(p("/d/f")).unwrap();
+            let fates: Vec<u8> = (0..3)
+                .map(|i| {
+                    let range = data.get(i * BATCH..((i + 1) * BATCH).min(data.len())).unwrap_or(&[]);
+                    let ours = range.iter().take_while(|&&b| b == b'1' + i as u8).count();
+                    assert!(
+                        range[ours..].iter().all(|&b| b == 0),
+                        "seed {seed}: batch {i} left foreign bytes"
+                    );
+                    match ours {
+                        0 => 0,
+                        BATCH => 2,
+                        n => {
+                            assert_eq!(
+                                (i * BATCH + n) as u64 % SECTOR_BYTES,
+                                0,
+                                "seed {seed}: a torn write ends on a sector"
+                            );
+                            1
+                        }
+                    }
+                })
+                .collect();
+            seen.insert(fates);
+        }
+        for i in 0..3 {
+            for fate in 0..3 {
+                assert!(
+                    seen.iter().any(|f| f[i] == fate),
+                    "batch {i} never had fate {fate}: {seen:?}"
+                );
+            }
+        }
+        assert!(
+            seen.iter().any(|f| f[0] == 0 && f[1] == 2),
+            "a later batch never survived without an earlier one: {seen:?}"
+        );
+    }
+
+    #[test]
+    fn a_kill_after_a_failed_sync_leaves_pages_a_restart_reads_and_a_later_power_cut_loses() {
+        for seed in 0..20 {
+            let fs = fs_with_file(b"durable");
+            let f = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+            f.write_all_at(b" and lost", 7).unwrap();
+            fs.set_failed_sync_drops_pending(true);
+            fs.set_sync_error(true);
+            assert!(f.sync_data().is_err());
+            fs.clear_faults();
+            fs.kill();
+            assert_eq!(
+                f.read_at(&mut [0; 4], 0).unwrap_err().to_string(),
+                "stale handle after a crash or kill"
+            );
+            drop(f);
+
+            // The restarted process reads the failed pages from the cache,
+            // and its fsync is not told (the failing one was).
+            let g = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+            let mut buf = [0; 16];
+            g.read_exact_at(&mut buf, 0).unwrap();
+            assert_eq!(&buf, b"durable and lost");
+            g.sync_data().unwrap();
+            let other = fs.open(p("/d/other"), OpenMode::CreateNew).unwrap();
+            other.write_all_at(b"more work", 0).unwrap();
+            other.sync_data().unwrap();
+            fs.sync_dir(p("/d")).unwrap();
+            assert_eq!(fs.stats().kills, 1);
+
+            fs.crash(seed);
+            assert_eq!(fs.read_file(p("/d/f")).unwrap(), b"durable", "seed {seed}");
+            assert_eq!(fs.read_file(p("/d/other")).unwrap(), b"more work", "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn a_kill_keeps_unsynced_writes_pending_for_a_later_sync() {
+        let fs = fs_with_file(b"old");
+        let f = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+        f.write_all_at(b"new", 0).unwrap();
+        fs.kill();
+        assert!(f.sync_data().is_err(), "a killed process's handle is closed");
+        assert_eq!(fs.pending_data_ops(p("/d/f")), Some(1));
+        fs.open(p("/d/f"), OpenMode::Read).unwrap().sync_data().unwrap();
+        fs.crash_dropping_all();
+        assert_eq!(fs.read_file(p("/d/f")).unwrap(), b"new");
+    }
+
+    #[test]
     fn a_sync_after_a_writeback_error_writes_back_new_data_and_still_reports_the_error() {
         let fs = fs_with_file(b"0123456789");
         let f = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
@@ -1490,16 +1719,46 @@ mod tests {
             let fs = fs_with_file(&[]);
             let f = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
             f.write_all_at(&[7; 100], 0).unwrap();
-            f.write_all_at(&[8; 100], 100).unwrap();
+            f.write_all_at(&[8; 100], SECTOR_BYTES).unwrap();
             fs.crash(seed);
             let data = fs.read_file(p("/d/f")).unwrap();
-            assert!(data.is_empty() || data.len() == 100 || data.len() == 200, "seed {seed}");
-            if data.len() == 200 && data[..100].iter().all(|&b| b == 0) {
-                assert!(data[100..].iter().all(|&b| b == 8));
+            let full = SECTOR_BYTES as usize + 100;
+            assert!(
+                data.is_empty() || data.len() == 100 || data.len() == full,
+                "seed {seed}"
+            );
+            if data.len() == full && data[..100].iter().all(|&b| b == 0) {
+                assert!(data[100..SECTOR_BYTES as usize].iter().all(|&b| b == 0));
+                assert!(data[SECTOR_BYTES as usize..].iter().all(|&b| b == 8));
                 holes += 1;
             }
         }
         assert!(holes > 0);
+    }
+
+    /// A disk writes whole sectors from the page cache: a sector that
+    /// persists holds every byte written to it before, by any op.
+    #[test]
+    fn a_sector_shared_by_two_writes_never_persists_the_later_without_the_earlier() {
+        let (mut second_kept, mut first_only) = (0, 0);
+        for seed in 0..SEEDS {
+            let fs = fs_with_file(&[]);
+            let f = fs.open(p("/d/f"), OpenMode::ReadWrite).unwrap();
+            f.write_all_at(&[7; 700], 0).unwrap();
+            f.write_all_at(&[8; 100], 700).unwrap();
+            fs.crash(seed);
+            let data = fs.read_file(p("/d/f")).unwrap();
+            if data.len() == 800 && data[700..].iter().all(|&b| b == 8) {
+                assert!(
+                    data[SECTOR_BYTES as usize..700].iter().all(|&b| b == 7),
+                    "seed {seed}: the shared sector persisted without the earlier write's bytes"
+                );
+                second_kept += 1;
+            } else if data.len() >= 700 && data[..700].iter().all(|&b| b == 7) {
+                first_only += 1;
+            }
+        }
+        assert!(second_kept > 0 && first_only > 0, "{second_kept} {first_only}");
     }
 
     #[test]
@@ -1533,7 +1792,7 @@ mod tests {
             f.len().unwrap_err(),
         ] {
             assert_eq!(err.kind(), io::ErrorKind::Other);
-            assert_eq!(err.to_string(), "stale handle after crash");
+            assert_eq!(err.to_string(), "stale handle after a crash or kill");
         }
         drop(f);
         let g = fs.open(p("/d/f"), OpenMode::Read).unwrap();
