@@ -1,18 +1,52 @@
-//! Group commit: many appenders, a committer thread and a syncer thread.
+//! Group commit: many appenders, a committer thread and a syncer thread,
+//! and the two steps they run, which a simulator may call itself.
 //!
 //! Appenders [`GroupCommit::submit`] requests to a queue and return at once
-//! (the caller waits on its own completion channel). The committer thread
-//! takes everything queued, lets the [`Stage`] append each request's records
-//! in submission order, writes the batch with one write
-//! ([`Wal::write_batch`]) and hands it to the syncer thread, which makes it
-//! durable with one fdatasync ([`Unsynced::sync`]) and only then settles
-//! every request of the batch. The two are pipelined: batch N+1 is staged
-//! and written while batch N's fdatasync runs (one batch waits at most), so
-//! the encoding work hides behind the disk. Batches grow by themselves while
-//! an fdatasync is in flight, with no added wait. Batches are synced and
-//! settled in order, and after a failed fdatasync every later batch fails
-//! too. The queue itself is unbounded: callers bound what they put in
-//! flight (logd admits requests through a byte budget).
+//! (the caller waits on its own completion channel). Each batch then goes
+//! through two steps:
+//! - [`write_step`] (on the `wal-commit` thread): lets the [`Stage`] append
+//!   each request's records in submission order, then writes the batch with
+//!   one write ([`Wal::write_batch`]). The result, a [`Written`], holds what
+//!   was staged and the written-but-unsynced batch ([`Unsynced`]);
+//! - [`sync_step`] (on the `wal-sync` thread): makes the batch durable with
+//!   one fdatasync ([`Unsynced::sync`], through the WAL's sync gate) and only
+//!   then settles every request of the batch ([`Stage::settle`]).
+//!
+//! The threads are thin shells: the committer takes up to
+//! `batch_requests_max` queued requests, calls [`write_step`] and hands the
+//! [`Written`] to the syncer over a channel of depth one, and the syncer
+//! calls [`sync_step`] on each, in order. The two are pipelined: batch N+1
+//! is staged and written while batch N's fdatasync runs (one batch waits at
+//! most), so the encoding work hides behind the disk. Batches grow by
+//! themselves while an fdatasync is in flight, with no added wait. The stage
+//! lock is taken once per request while staging and once per batch to
+//! settle, never across an fdatasync. The queue itself is unbounded: callers
+//! bound what they put in flight (logd admits requests through a byte
+//! budget).
+//!
+//! # Invariants
+//! - Batches are synced and settled in the order they were written
+//!   ([`Unsynced::sync`] asserts it).
+//! - After a failed fdatasync every later batch fails too, even one whose
+//!   own fdatasync returns Ok (the WAL is poisoned; see [`Wal::commit`]).
+//! - A request is settled exactly once, and settled Ok only after an
+//!   fdatasync that covered its records returned Ok.
+//!
+//! # Driving the steps from a simulator
+//! A single-threaded simulator (the power-loss test on
+//! `sim::SimFs`, with the `sim` feature) may run the same steps in any
+//! interleaving the threads could produce:
+//! - hold several [`Written`] batches at once (written, not yet synced);
+//! - call [`sync_step`] on them in write order at any later time (syncing
+//!   out of order is a bug the WAL asserts against);
+//! - run more [`write_step`]s in between, including ones whose appends roll
+//!   a segment: the roll's fdatasync then runs, in program order, before a
+//!   pending batch's, as it may on the threads;
+//! - drop everything at any point (a kill): a dropped [`Written`] is never
+//!   settled, so nothing in it is acknowledged.
+//!
+//! The stage sits in a `Mutex` so that the threads can share it; a
+//! simulator owns one too and passes it to both steps.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -21,9 +55,9 @@ use std::thread::JoinHandle;
 use crate::error::{Error, Result};
 use crate::log::{CommitInfo, Unsynced, Wal};
 
-/// What the committer does with requests. `stage` runs on the committer
-/// thread and `settle` on the syncer thread, never at the same time (the
-/// stage sits behind a mutex), so it may own state (logd's per-session seq
+/// What the committer does with requests. `stage` runs in [`write_step`]
+/// (the committer thread) and `settle` in [`sync_step`] (the syncer thread),
+/// never at the same time (the stage sits behind a mutex), so it may own state (logd's per-session seq
 /// counters) without locks of its own.
 pub trait Stage: Send + 'static {
     /// A unit of work submitted by an appender.
@@ -38,6 +72,56 @@ pub trait Stage: Send + 'static {
     /// Called once per batch, after the commit: `Ok` means every record
     /// staged in `batch` is durable; `Err` means none may be acknowledged.
     fn settle(&mut self, batch: Vec<Self::Staged>, result: std::result::Result<&CommitInfo, &Error>);
+}
+
+/// A batch after [`write_step`]: staged and written, not yet durable.
+/// Nothing in it may be acknowledged before [`sync_step`] settles it;
+/// dropping it (a kill) settles nothing.
+pub struct Written<T> {
+    /// What [`Stage::stage`] produced for each request, in submission order.
+    pub staged: Vec<T>,
+    /// The written batch, or the error of its write (or of a roll while
+    /// staging, which poisoned the WAL).
+    pub unsynced: Result<Unsynced>,
+}
+
+impl<T> std::fmt::Debug for Written<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Written")
+            .field("requests", &self.staged.len())
+            .field("unsynced", &self.unsynced.as_ref().map(|u| u.durable_lsn_end()))
+            .finish()
+    }
+}
+
+/// The first step of a batch: stages each request of `requests` in order
+/// (taking the stage lock once per request), then writes everything staged
+/// with one write ([`Wal::write_batch`]; page cache, not durable).
+pub fn write_step<S: Stage>(
+    wal: &mut Wal,
+    stage: &Mutex<S>,
+    requests: impl IntoIterator<Item = S::Request>,
+) -> Written<S::Staged> {
+    let requests = requests.into_iter();
+    let mut staged = Vec::with_capacity(requests.size_hint().0);
+    for req in requests {
+        staged.push(stage.lock().unwrap().stage(req, wal));
+    }
+    let unsynced = wal.write_batch();
+    Written { staged, unsynced }
+}
+
+/// The second step of a batch: one fdatasync ([`Unsynced::sync`], through
+/// the WAL's sync gate; it fails once any earlier fdatasync failed), then
+/// [`Stage::settle`] under the stage lock, which is not held during the
+/// fdatasync. Batches must go through here in the order [`write_step`]
+/// wrote them. Returns the commit's result as the stage saw it.
+pub fn sync_step<S: Stage>(written: Written<S::Staged>, stage: &Mutex<S>) -> Result<CommitInfo> {
+    let Written { staged, unsynced } = written;
+    let result = unsynced.and_then(Unsynced::sync);
+    crate::crash_point!("wal::commit::after_fsync");
+    stage.lock().unwrap().settle(staged, result.as_ref());
+    result
 }
 
 struct Queue<R> {
@@ -98,15 +182,13 @@ impl<S: Stage> GroupCommit<S> {
         let stage = Arc::new(Mutex::new(stage));
         // One written batch waits while another syncs: deeper queues would
         // only split what could be one larger batch.
-        let (to_sync, written) = std::sync::mpsc::sync_channel::<(Vec<S::Staged>, Result<Unsynced>)>(1);
+        let (to_sync, written) = std::sync::mpsc::sync_channel::<Written<S::Staged>>(1);
         let sync_stage = stage.clone();
         let syncer = std::thread::Builder::new()
             .name("wal-sync".into())
             .spawn(move || {
-                for (staged, unsynced) in written {
-                    let result = unsynced.and_then(Unsynced::sync);
-                    crate::crash_point!("wal::commit::after_fsync");
-                    sync_stage.lock().unwrap().settle(staged, result.as_ref());
+                for batch in written {
+                    let _ = sync_step(batch, &sync_stage);
                 }
             })
             .expect("spawn wal-sync thread");
@@ -131,12 +213,8 @@ impl<S: Stage> GroupCommit<S> {
                             taken.extend(q.items.drain(..batch_requests_max));
                         }
                     }
-                    let mut staged = Vec::with_capacity(taken.len());
-                    for req in taken.drain(..) {
-                        staged.push(stage.lock().unwrap().stage(req, &mut wal));
-                    }
-                    let unsynced = wal.write_batch();
-                    if to_sync.send((staged, unsynced)).is_err() {
+                    let batch = write_step(&mut wal, &stage, taken.drain(..));
+                    if to_sync.send(batch).is_err() {
                         break; // the syncer is gone (it panicked)
                     }
                 }

@@ -115,7 +115,7 @@ pub mod segment;
 pub mod sim;
 
 pub use error::{Error, Result};
-pub use group::{GroupCommit, Stage, Submitter};
+pub use group::{GroupCommit, Stage, Submitter, Written, sync_step, write_step};
 pub use log::{
     CommitInfo, OpenReport, ReadSummary, SegmentInfo, Segments, TornTail, Unsynced, Wal, WalOptions, WalStats,
     read_from, verify,

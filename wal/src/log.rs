@@ -226,6 +226,9 @@ struct Poison {
     why: Arc<Mutex<Option<String>>>,
     /// Held across every fdatasync of a WAL segment once the WAL is open.
     sync_gate: Arc<Mutex<()>>,
+    /// The highest `durable_lsn_end` of a batch whose sync has started:
+    /// batches are synced in the order they were written.
+    sync_started_lsn_end: Arc<AtomicU64>,
 }
 
 impl Poison {
@@ -283,11 +286,28 @@ pub struct Unsynced {
 }
 
 impl Unsynced {
+    /// Every record of this batch (and of every batch before it) has an LSN
+    /// below this.
+    pub fn durable_lsn_end(&self) -> u64 {
+        self.durable_lsn_end
+    }
+
+    /// Records in this batch (0 for a batch that wrote nothing).
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
     /// fdatasyncs the segment the batch was written to. On error the WAL is
     /// poisoned (see [`Wal::commit`] for why there is no retry), and so is
     /// every later batch: once one fdatasync failed, a later one returning Ok
     /// proves nothing about the pages the failed one lost.
     pub fn sync(self) -> Result<CommitInfo> {
+        let before = (self.poisoned.sync_started_lsn_end).fetch_max(self.durable_lsn_end, Ordering::SeqCst);
+        assert!(
+            before <= self.durable_lsn_end,
+            "batches are synced in write order: a batch ending before LSN {} synced after one ending before LSN {before}",
+            self.durable_lsn_end
+        );
         self.poisoned.check()?;
         if self.records == 0 {
             return Ok(CommitInfo {
