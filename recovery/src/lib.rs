@@ -46,10 +46,10 @@ pub enum Error {
 impl Error {
     /// True iff the failure is damage needing an operator (exit code 2).
     pub fn is_integrity(&self) -> bool {
-        matches!(
-            self,
-            Error::Wal(wal::Error::Corruption { .. } | wal::Error::Gap { .. } | wal::Error::BadHeader { .. })
-        )
+        match self {
+            Error::Wal(e) => e.is_integrity(),
+            Error::Materialize { .. } => false,
+        }
     }
 }
 

@@ -82,8 +82,112 @@ pub enum Error {
 }
 
 impl Error {
+    /// True iff the error is damage to the WAL on disk that needs an operator
+    /// (logd exits with code 2): a bad record with valid ones after it, a
+    /// damaged or foreign segment header, a missing segment. False for
+    /// failures of I/O calls, the refusals that follow them, and misuse;
+    /// those are exit code 1 (a restart or a fix of the environment may
+    /// clear them).
+    pub fn is_integrity(&self) -> bool {
+        // No wildcard: a new variant must be classified here.
+        match self {
+            Error::Corruption { .. } | Error::BadHeader { .. } | Error::Gap { .. } => true,
+            Error::Io { .. }
+            | Error::RecordTooLarge { .. }
+            | Error::EmptyRecord
+            | Error::Poisoned(_)
+            | Error::Closed
+            | Error::Visitor(_) => false,
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { op, path, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One value of every variant, each with whether it is an integrity
+    /// problem.
+    fn every_variant() -> Vec<(Error, bool)> {
+        let segment = PathBuf::from("/wal/0000000000000001.wal");
+        let all = vec![
+            (
+                Error::Io {
+                    op: "fdatasync",
+                    path: segment.clone(),
+                    source: std::io::Error::from_raw_os_error(5),
+                },
+                false,
+            ),
+            (
+                Error::Corruption {
+                    segment: segment.clone(),
+                    offset: 49,
+                    why: BadRecord::CrcMismatch { stored: 1, computed: 2 },
+                    records_after: 3,
+                    bytes_after: 120,
+                },
+                true,
+            ),
+            (
+                Error::BadHeader {
+                    segment: segment.clone(),
+                    why: "bad magic".into(),
+                },
+                true,
+            ),
+            (
+                Error::Gap {
+                    segment,
+                    expected: 10,
+                    found: 12,
+                },
+                true,
+            ),
+            (
+                Error::RecordTooLarge {
+                    bytes: 5000,
+                    limit: 4096,
+                },
+                false,
+            ),
+            (Error::EmptyRecord, false),
+            (Error::Poisoned("wal: fdatasync: EIO".into()), false),
+            (Error::Closed, false),
+            (Error::Visitor("callback failed".into()), false),
+        ];
+        all
+    }
+
+    /// Which variant `e` is. No wildcard: a new variant does not compile
+    /// until it gets a number here (and then needs a value above).
+    fn kind(e: &Error) -> usize {
+        match e {
+            Error::Io { .. } => 0,
+            Error::Corruption { .. } => 1,
+            Error::BadHeader { .. } => 2,
+            Error::Gap { .. } => 3,
+            Error::RecordTooLarge { .. } => 4,
+            Error::EmptyRecord => 5,
+            Error::Poisoned(_) => 6,
+            Error::Closed => 7,
+            Error::Visitor(_) => 8,
+        }
+    }
+    const KINDS: usize = 9;
+
+    #[test]
+    fn only_damage_on_disk_is_an_integrity_error() {
+        let all = every_variant();
+        let kinds: std::collections::BTreeSet<usize> = all.iter().map(|(e, _)| kind(e)).collect();
+        assert_eq!(kinds, (0..KINDS).collect(), "every variant is listed");
+        for (e, integrity) in all {
+            assert_eq!(e.is_integrity(), integrity, "{e}");
+        }
     }
 }
