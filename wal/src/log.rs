@@ -198,10 +198,25 @@ pub struct CommitInfo {
 /// A writable WAL. One owner appends and commits; see the crate docs.
 ///
 /// # Invariants
-/// - `buf` holds whole records with LSNs `[buf_first_lsn, next_lsn)`, to be
-///   written at `write_offset` of the active segment.
-/// - Everything before `write_offset` in the active segment is written (and,
-///   after a successful commit, fdatasynced).
+/// Checked by [`Wal::assert_invariants`] after every append, write and roll.
+/// - LSN continuity: each appended record gets `next_lsn`, the previous
+///   record's LSN + 1; the active segment holds (written or in `buf`) the
+///   records `[active_first_lsn, next_lsn)`, and a rolled segment's
+///   successor starts at the LSN right after its last record, so
+///   consecutive segments' LSNs meet.
+/// - `buf` holds whole records, the LSNs `[buf_first_lsn, next_lsn)`, to be
+///   written at `write_offset` of the active segment; it is empty exactly
+///   when `buf_first_lsn == next_lsn`, and after [`Wal::write_batch`] it is
+///   empty. `buf_records` counts the records of the batch being staged:
+///   those in `buf` and those a roll already wrote to the previous segment.
+/// - `SEGMENT_HEADER_BYTES <= write_offset` and `write_offset + buf.len()
+///   <= segment_bytes_max`: a record never spans segments.
+/// - Everything before `write_offset` in the active segment is written
+///   (the file is at least that long) and, after a successful commit,
+///   fdatasynced; batches are synced in write order, so what is synced is a
+///   prefix of what is written ([`Unsynced::sync`] asserts the order).
+/// - The last entry of the segment list is the active segment, starting at
+///   `active_first_lsn`; the list is sorted by first LSN, strictly.
 /// - Once `poisoned` is set it stays set: no append or commit succeeds again.
 pub struct Wal {
     fs: Arc<dyn Fs>,
@@ -210,8 +225,12 @@ pub struct Wal {
     segments: Segments,
     active: Arc<dyn FsFile>,
     active_path: PathBuf,
+    /// LSN of the active segment's first record.
+    active_first_lsn: u64,
     write_offset: u64,
     buf: Vec<u8>,
+    /// LSN of the first record in `buf` (`next_lsn` when it is empty).
+    buf_first_lsn: u64,
     buf_records: u64,
     next_lsn: u64,
     poisoned: Poison,
@@ -475,13 +494,16 @@ impl Wal {
             segments,
             active: Arc::from(active),
             active_path,
+            active_first_lsn: next_lsn,
             write_offset,
             buf: Vec::with_capacity(1 << 20),
+            buf_first_lsn: next_lsn,
             buf_records: 0,
             next_lsn,
             poisoned,
             stats,
         };
+        wal.assert_invariants();
         Ok((wal, report))
     }
 
@@ -508,6 +530,60 @@ impl Wal {
     /// The WAL directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Asserts the invariants of the type's doc that need no I/O (cheap:
+    /// field arithmetic, plus the segment list unless `per_record`).
+    fn assert_invariants_with(&self, per_record: bool) {
+        let buf_bytes = self.buf.len() as u64;
+        assert!(
+            self.write_offset >= SEGMENT_HEADER_BYTES,
+            "write offset {} inside the header",
+            self.write_offset
+        );
+        assert!(
+            self.write_offset + buf_bytes <= self.opts.segment_bytes_max,
+            "write offset {} + {buf_bytes} buffered bytes pass segment_bytes_max {}",
+            self.write_offset,
+            self.opts.segment_bytes_max
+        );
+        assert!(
+            self.active_first_lsn <= self.buf_first_lsn && self.buf_first_lsn <= self.next_lsn,
+            "LSNs out of order: active segment from {}, buffer from {}, next {}",
+            self.active_first_lsn,
+            self.buf_first_lsn,
+            self.next_lsn
+        );
+        let buffered = self.next_lsn - self.buf_first_lsn;
+        assert_eq!(
+            self.buf.is_empty(),
+            buffered == 0,
+            "{buf_bytes} buffered bytes for {buffered} records"
+        );
+        assert!(
+            buf_bytes >= buffered * (RECORD_HEADER_BYTES as u64 + 1),
+            "{buffered} buffered records cannot fit {buf_bytes} bytes"
+        );
+        assert!(buffered <= self.buf_records, "the batch holds every buffered record");
+        if per_record {
+            return;
+        }
+        let list = self.segments.list.lock().unwrap();
+        let active = list.last().expect("the active segment is listed");
+        assert_eq!(
+            (active.first_lsn, &active.path),
+            (self.active_first_lsn, &self.active_path),
+            "the last listed segment is the active one"
+        );
+        assert!(
+            list.windows(2).all(|w| w[0].first_lsn < w[1].first_lsn),
+            "segments sorted by first LSN"
+        );
+    }
+
+    /// [`Wal::assert_invariants_with`] in full.
+    fn assert_invariants(&self) {
+        self.assert_invariants_with(false);
     }
 
     fn check_poisoned(&self) -> Result<()> {
@@ -546,8 +622,11 @@ impl Wal {
                 return Err(self.poison(e));
             }
         }
-        self.next_lsn += 1;
+        // LSN continuity: this record is the one after the previous.
+        assert_eq!(lsn, self.next_lsn, "a roll does not change the next LSN");
+        self.next_lsn = lsn + 1;
         self.buf_records += 1;
+        self.assert_invariants_with(true);
         Ok(lsn)
     }
 
@@ -564,6 +643,13 @@ impl Wal {
             .map_err(Error::io("write", &self.active_path))?;
         self.poisoned.sync(self.active.as_ref(), &self.active_path)?;
         let sealed_bytes = self.write_offset + keep_from as u64;
+        // The sealed segment holds [active_first_lsn, next_lsn) (the record
+        // being appended, at buf[keep_from..], is not counted yet); the new
+        // one starts right after it, so the two meet.
+        assert!(
+            self.next_lsn > self.active_first_lsn,
+            "a segment is rolled only once it holds a record"
+        );
         let (file, path) = create_segment(self.fs.as_ref(), &self.dir, self.next_lsn)?;
         {
             let mut list = self.segments.list.lock().unwrap();
@@ -578,6 +664,8 @@ impl Wal {
         }
         self.active = Arc::from(file);
         self.active_path = path;
+        self.active_first_lsn = self.next_lsn;
+        self.buf_first_lsn = self.next_lsn;
         self.write_offset = SEGMENT_HEADER_BYTES;
         self.buf.drain(..keep_from);
         self.stats.rolls.fetch_add(1, Ordering::Relaxed);
@@ -617,6 +705,13 @@ impl Wal {
         }
         let records = std::mem::take(&mut self.buf_records);
         self.buf.clear();
+        self.buf_first_lsn = self.next_lsn;
+        self.assert_invariants();
+        debug_assert!(
+            self.active.len().is_ok_and(|len| len >= self.write_offset),
+            "the active segment is at least write_offset {} long",
+            self.write_offset
+        );
         Ok(Unsynced {
             file: self.active.clone(),
             path: self.active_path.clone(),
