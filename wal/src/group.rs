@@ -1,7 +1,7 @@
 //! Group commit: many appenders, a committer thread and a syncer thread,
 //! and the two steps they run, which a simulator may call itself.
 //!
-//! Appenders [`GroupCommit::submit`] requests to a queue and return at once
+//! Appenders [`Submitter::submit`] requests to a queue and return at once
 //! (the caller waits on its own completion channel). Each batch then goes
 //! through two steps:
 //! - [`write_step`] (on the `wal-commit` thread): lets the [`Stage`] append

@@ -80,13 +80,15 @@
 //! 512-byte run of zeros, later hit by real corruption, can be taken for torn.
 //!
 //! # Group commit
-//! [`GroupCommit`] runs a committer thread and a syncer thread. The
-//! committer drains the queue, stages each request's records into one
-//! buffer and issues one `write`; the syncer issues one `fdatasync` per
-//! written batch, in order, and settles every request of the batch. Batch
-//! N+1 is staged and written while batch N syncs. After a failed
-//! `fdatasync` every later batch fails too, even one whose own `fdatasync`
-//! returns Ok.
+//! [`GroupCommit`] runs a committer thread and a syncer thread, thin shells
+//! around two public steps: the committer drains the queue and calls
+//! [`write_step`] (stage each request's records into one buffer, one
+//! `write`); the syncer calls [`sync_step`] on each written batch, in order
+//! (one `fdatasync`, then settle every request of the batch). Batch N+1 is
+//! staged and written while batch N syncs. After a failed `fdatasync` every
+//! later batch fails too, even one whose own `fdatasync` returns Ok. A
+//! simulator may call the steps itself in any order the threads could run
+//! them (see [`group`]).
 
 /// Aborts the process at a named crash point when the `failpoints` feature
 /// is on and `FAILPOINTS` names it with the `return` action (for example

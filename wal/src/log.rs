@@ -198,7 +198,7 @@ pub struct CommitInfo {
 /// A writable WAL. One owner appends and commits; see the crate docs.
 ///
 /// # Invariants
-/// Checked by [`Wal::assert_invariants`] after every append, write and roll.
+/// Checked by `Wal::assert_invariants` after every append, write and roll.
 /// - LSN continuity: each appended record gets `next_lsn`, the previous
 ///   record's LSN + 1; the active segment holds (written or in `buf`) the
 ///   records `[active_first_lsn, next_lsn)`, and a rolled segment's
