@@ -136,6 +136,126 @@ pub fn create_dir_durably(fs: &dyn Fs, dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// A base for filesystems that change a call or two of another [`Fs`] (test
+/// wrappers that inject a failure, a delay or a record of calls): implement
+/// [`DelegateFs::inner`] and override only what changes; every other call
+/// goes to the inner filesystem, and the type is an [`Fs`]. Pair it with
+/// [`DelegateFile`] to change calls on the files it opens.
+///
+/// The methods have the names of [`Fs`]'s: call them through `dyn Fs` (or
+/// `Fs::open(&x, ..)`) where both traits are in scope.
+pub trait DelegateFs: Send + Sync + 'static {
+    /// The filesystem every call not overridden goes to.
+    fn inner(&self) -> &dyn Fs;
+    /// [`Fs::open`].
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
+        self.inner().open(path, mode)
+    }
+    /// [`Fs::create_dir_all`].
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.inner().create_dir_all(path)
+    }
+    /// [`Fs::list_dir`].
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        self.inner().list_dir(path)
+    }
+    /// [`Fs::rename`].
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner().rename(from, to)
+    }
+    /// [`Fs::remove_file`].
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.inner().remove_file(path)
+    }
+    /// [`Fs::sync_dir`].
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.inner().sync_dir(path)
+    }
+    /// [`Fs::exists`].
+    fn exists(&self, path: &Path) -> bool {
+        self.inner().exists(path)
+    }
+}
+
+impl<T: DelegateFs> Fs for T {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
+        DelegateFs::open(self, path, mode)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        DelegateFs::create_dir_all(self, path)
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        DelegateFs::list_dir(self, path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        DelegateFs::rename(self, from, to)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        DelegateFs::remove_file(self, path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        DelegateFs::sync_dir(self, path)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        DelegateFs::exists(self, path)
+    }
+}
+
+/// The [`DelegateFs`] of files: implement [`DelegateFile::inner`] and
+/// override only the calls that change; the type is an [`FsFile`]. The
+/// provided [`FsFile::sync_and_drop_cache`] and [`FsFile::read_exact_at`]
+/// go through the wrapper's own `sync_data`, `drop_cache` and `read_at`.
+#[allow(clippy::len_without_is_empty)] // as FsFile: `len` is a fallible stat
+pub trait DelegateFile: Send + Sync {
+    /// The file every call not overridden goes to.
+    fn inner(&self) -> &dyn FsFile;
+    /// [`FsFile::read_at`].
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.inner().read_at(buf, offset)
+    }
+    /// [`FsFile::write_all_at`].
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner().write_all_at(buf, offset)
+    }
+    /// [`FsFile::sync_data`].
+    fn sync_data(&self) -> io::Result<()> {
+        self.inner().sync_data()
+    }
+    /// [`FsFile::set_len`].
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner().set_len(len)
+    }
+    /// [`FsFile::len`].
+    fn len(&self) -> io::Result<u64> {
+        self.inner().len()
+    }
+    /// [`FsFile::drop_cache`].
+    fn drop_cache(&self) -> io::Result<()> {
+        self.inner().drop_cache()
+    }
+}
+
+impl<T: DelegateFile> FsFile for T {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        DelegateFile::read_at(self, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        DelegateFile::write_all_at(self, buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        DelegateFile::sync_data(self)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        DelegateFile::set_len(self, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        DelegateFile::len(self)
+    }
+    fn drop_cache(&self) -> io::Result<()> {
+        DelegateFile::drop_cache(self)
+    }
+}
+
 static FILE_MODE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0o640);
 
 /// Sets the permission bits [`RealFs`] creates files with (default 0640;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use wal::fs::{Fs, FsFile, OpenMode, RealFs};
+use wal::fs::{DelegateFile, DelegateFs, Fs, FsFile, OpenMode, RealFs};
 use wal::sim::SimFs;
 use wal::{Error, RecordType, Wal, WalOptions, read_from, verify};
 
@@ -111,12 +111,9 @@ struct GatedFile {
     gate: Arc<Gate>,
 }
 
-impl FsFile for GatedFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_all_at(buf, offset)
+impl DelegateFile for GatedFile {
+    fn inner(&self) -> &dyn FsFile {
+        self.inner.as_ref()
     }
     fn sync_data(&self) -> io::Result<()> {
         let held = std::thread::current().name() == Some(HELD_THREAD);
@@ -129,41 +126,17 @@ impl FsFile for GatedFile {
         }
         result
     }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn drop_cache(&self) -> io::Result<()> {
-        self.inner.drop_cache()
-    }
 }
 
-impl Fs for GatedFs {
+impl DelegateFs for GatedFs {
+    fn inner(&self) -> &dyn Fs {
+        &self.sim
+    }
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
         Ok(Box::new(GatedFile {
             inner: self.sim.open(path, mode)?,
             gate: self.gate.clone(),
         }))
-    }
-    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        self.sim.create_dir_all(path)
-    }
-    fn list_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
-        self.sim.list_dir(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.sim.rename(from, to)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        self.sim.remove_file(path)
-    }
-    fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        self.sim.sync_dir(path)
-    }
-    fn exists(&self, path: &Path) -> bool {
-        self.sim.exists(path)
     }
 }
 

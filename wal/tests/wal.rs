@@ -10,7 +10,7 @@ use std::sync::{Arc, mpsc};
 
 use proptest::prelude::*;
 use tempfile::TempDir;
-use wal::fs::{Fs, FsFile, OpenMode, RealFs};
+use wal::fs::{DelegateFile, DelegateFs, Fs, FsFile, OpenMode, RealFs};
 use wal::{
     BadRecord, CommitInfo, Damage, Error, GroupCommit, OpenReport, RecordType, Stage, Wal, WalOptions, read_from,
     verify,
@@ -861,12 +861,9 @@ struct FlakyFile {
     sync_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl FsFile for FlakyFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.inner.write_all_at(buf, offset)
+impl DelegateFile for FlakyFile {
+    fn inner(&self) -> &dyn FsFile {
+        self.inner.as_ref()
     }
     fn sync_data(&self) -> io::Result<()> {
         let failing = self.fail.load(Ordering::SeqCst); // as the call starts
@@ -879,42 +876,18 @@ impl FsFile for FlakyFile {
         }
         self.inner.sync_data()
     }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn drop_cache(&self) -> io::Result<()> {
-        self.inner.drop_cache()
-    }
 }
 
-impl Fs for FlakyFs {
+impl DelegateFs for FlakyFs {
+    fn inner(&self) -> &dyn Fs {
+        &RealFs
+    }
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FsFile>> {
         Ok(Box::new(FlakyFile {
             inner: RealFs.open(path, mode)?,
             fail: self.fail.clone(),
             sync_delay_ms: self.sync_delay_ms.clone(),
         }))
-    }
-    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        RealFs.create_dir_all(path)
-    }
-    fn list_dir(&self, path: &Path) -> io::Result<Vec<PathBuf>> {
-        RealFs.list_dir(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        RealFs.rename(from, to)
-    }
-    fn remove_file(&self, path: &Path) -> io::Result<()> {
-        RealFs.remove_file(path)
-    }
-    fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        RealFs.sync_dir(path)
-    }
-    fn exists(&self, path: &Path) -> bool {
-        RealFs.exists(path)
     }
 }
 
