@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use logd::config::{Command, RecoverArgs, RotateArgs, SendArgs, StatusArgs, WalArgs, WalCommand};
-use logd::materialize::Replayer;
-use logd::meta::{MetaStore, SledMeta};
 use logd::server::{StateLock, open_meta};
+use recovery::Replayer;
 use serde_json::json;
+use store::{MetaStore, SledMeta};
 use wal::fs::{Fs, RealFs};
 use wal::{Damage, SegmentScan};
 

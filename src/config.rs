@@ -246,8 +246,8 @@ pub struct LifecycleArgs {
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Encoding of each event's `content` field on the stream.
-    #[arg(long, env = "REDIS_PUBSUB_FORMAT", value_enum, default_value_t = crate::events::Encoding::Json)]
-    pub redis_format: crate::events::Encoding,
+    #[arg(long, env = "REDIS_PUBSUB_FORMAT", value_enum, default_value_t = crate::encoding::Encoding::Json)]
+    pub redis_format: crate::encoding::Encoding,
     /// Stream key events are XADDed to.
     #[arg(long, env = "LOGD_REDIS_STREAM", default_value = "logd:events")]
     pub redis_stream: String,
@@ -261,8 +261,8 @@ pub struct LifecycleArgs {
 
 impl LifecycleArgs {
     /// The lifecycle these flags ask for.
-    pub fn lifecycle(&self) -> crate::rotate::Lifecycle {
-        crate::rotate::Lifecycle {
+    pub fn lifecycle(&self) -> store::Lifecycle {
+        store::Lifecycle {
             gzip_level: (self.compression == Compression::Gzip).then_some(self.compression_level),
             events: self.redis_url.is_some(),
         }

@@ -20,9 +20,9 @@ use prost::Message;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use wal::{CommitInfo, RecordType, Stage, Wal};
 
-use crate::meta::MetaStore;
 use crate::pb::LogFrame;
 use crate::validate::SEQ_MAX;
+use store::MetaStore;
 
 /// What became of one valid frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,7 +246,7 @@ const _: () = assert!(SEQ_MAX == i64::MAX);
 
 /// A session's checkpoint from the store (failpoint `ingest::meta_read`
 /// injects a read error).
-fn read_checkpoint(meta: &Arc<dyn MetaStore>, session: &str) -> Result<Option<crate::meta::Checkpoint>, String> {
+fn read_checkpoint(meta: &Arc<dyn MetaStore>, session: &str) -> Result<Option<store::Checkpoint>, String> {
     fail::fail_point!("ingest::meta_read", |_| Err("injected read error".to_owned()));
     meta.checkpoint(session).map_err(|e| e.to_string())
 }

@@ -9,16 +9,14 @@
 //! and runs the recovery pass (crate `recovery`) before serving.
 
 pub mod bench;
+pub mod checkpoints;
 pub mod codec;
 pub mod config;
-pub mod events;
+pub mod encoding;
 pub mod ingest;
-pub mod materialize;
-pub mod meta;
 pub mod metrics;
 pub mod mirror;
 pub mod openfiles;
-pub mod rotate;
 pub mod server;
 pub mod service;
 pub mod sessions;
@@ -29,6 +27,7 @@ pub mod writer;
 /// Generated protobuf and gRPC code of `proto/logging/v1`.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
+    pub use store::pb::*;
     tonic::include_proto!("logging.v1");
 
     /// Encoded file descriptors, for gRPC reflection.

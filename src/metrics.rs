@@ -80,7 +80,7 @@ struct Sources {
     wal: Arc<wal::WalStats>,
     segments: wal::Segments,
     mirror: Arc<MirrorStats>,
-    meta: Arc<dyn crate::meta::MetaStore>,
+    meta: Arc<dyn store::MetaStore>,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -264,7 +264,7 @@ impl Metrics {
         wal: Arc<wal::WalStats>,
         segments: wal::Segments,
         mirror: Arc<MirrorStats>,
-        meta: Arc<dyn crate::meta::MetaStore>,
+        meta: Arc<dyn store::MetaStore>,
     ) {
         let _ = self.sources.set(Sources {
             ingest,

@@ -18,8 +18,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::events::{Encoding, Event, EventKind};
-use crate::meta::{MetaStore, event_delete_op};
+use store::{Event, EventKind};
+
+use crate::encoding::Encoding;
+use store::{MetaStore, event_delete_op};
 
 /// Events fetched from the outbox per pass.
 const OUTBOX_BATCH_MAX: usize = 256;

@@ -22,8 +22,6 @@ use wal::fs::{Fs, RealFs};
 
 use crate::config::ServeArgs;
 use crate::ingest::{IngestStats, Sequencer};
-use crate::materialize::Replayer;
-use crate::meta::{MetaStore, SledMeta};
 use crate::metrics::Metrics;
 use crate::mirror::{MirrorConfig, MirrorStats, run_mirror};
 use crate::pb::admin_service_server::AdminServiceServer;
@@ -32,6 +30,8 @@ use crate::service::{AdminSvc, BUDGET_UNIT_BYTES, LogSvc, Ready, Shared};
 use crate::writer::{
     COMPRESS_QUEUE_MAX, DispatchStats, RotationLimits, WriterConfig, run_compression_pool, run_dispatcher,
 };
+use recovery::Replayer;
+use store::{MetaStore, SledMeta};
 
 /// Requests staged into one group commit at most.
 const COMMIT_BATCH_REQUESTS_MAX: usize = 4096;
@@ -850,7 +850,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         events_added: events_added.clone(),
         stats: dispatch_stats.clone(),
         budget: budget.clone(),
-        checkpoints: crate::meta::CheckpointBatcher::start(meta.clone()),
+        checkpoints: crate::checkpoints::CheckpointBatcher::start(meta.clone()),
         active: active_sessions.clone(),
         outbox_events_max: args.outbox_events_max,
         open_files: crate::openfiles::OpenFiles::new(open_files_max),

@@ -18,7 +18,6 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::ingest::{IngestReply, IngestRequest, IngestStats, Outcome};
-use crate::meta::MetaStore;
 use crate::metrics::Metrics;
 use crate::mirror::MirrorStats;
 use crate::pb::admin_service_server::AdminService;
@@ -29,6 +28,7 @@ use crate::pb::{
 };
 use crate::validate::{SEQ_MAX, validate};
 use crate::writer::{Control, DispatchStats};
+use store::MetaStore;
 
 /// Rejections listed in one response (the count is always exact).
 pub const REJECTIONS_LISTED_MAX: usize = 100;
@@ -259,7 +259,7 @@ impl StreamIngest {
         if self.session_files_checked.len() >= SESSION_FILE_CHECKS_MAX {
             self.session_files_checked.clear();
         }
-        let r = crate::materialize::session_file_refusal(&self.shared.log_dir, session);
+        let r = store::session_file_refusal(&self.shared.log_dir, session);
         self.session_files_checked.insert(session.to_owned(), r.clone());
         r
     }
@@ -599,7 +599,7 @@ impl LogService for LogSvc {
     async fn get_session(&self, request: Request<SessionRequest>) -> Result<Response<SessionInfo>, Status> {
         let shared = self.ready.get()?;
         let session_id = request.into_inner().session_id;
-        if !crate::validate::session_id_is_valid(&session_id) {
+        if !store::session_id_is_valid(&session_id) {
             return Err(Status::invalid_argument(format!("invalid session_id {session_id:?}")));
         }
         // A query waits in the commit thread's queue like frames do: it
@@ -774,7 +774,7 @@ impl AdminService for AdminSvc {
         let session = if req.all {
             None
         } else {
-            if !crate::validate::session_id_is_valid(&req.session_id) {
+            if !store::session_id_is_valid(&req.session_id) {
                 return Err(Status::invalid_argument(format!(
                     "invalid session_id {:?}",
                     req.session_id

@@ -19,25 +19,7 @@ pub const TIME_SECONDS_MIN: i64 = -62_167_219_200;
 /// Last second of year 9999 (unix seconds), `9999-12-31T23:59:59Z`.
 pub const TIME_SECONDS_MAX: i64 = 253_402_300_799;
 
-/// Longest session id, in bytes.
-pub const SESSION_ID_BYTES_MAX: usize = 128;
-
-/// Whether `id` is a valid session id: `^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$`.
-///
-/// No `/`, no `..` prefix, no leading dot and never empty, so `<LOG_DIR>/<id>…`
-/// always names a file directly inside the log directory.
-pub fn session_id_is_valid(id: &str) -> bool {
-    let b = id.as_bytes();
-    let ok_rest = |c: &u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-');
-    match b.first() {
-        None => false,
-        Some(first) => {
-            b.len() <= SESSION_ID_BYTES_MAX
-                && (first.is_ascii_alphanumeric() || matches!(first, b'_' | b'-'))
-                && b[1..].iter().all(ok_rest)
-        }
-    }
-}
+pub use store::{SESSION_ID_BYTES_MAX, session_id_is_valid};
 
 /// Checks one frame against every rule; `Err` holds the rule's short name
 /// (a metric label) and the reason the client sees.

@@ -2,7 +2,7 @@
 //! one writer task per active session; each writer owns its `.logtmp`
 //! ([`SessionFile`]), fdatasyncs it every flush interval, records a
 //! checkpoint, and rotates the file on size, age, idle time or request
-//! ([`crate::rotate`]). A writer idle past the timeout rotates, closes its
+//! ([`store::rotate`]). A writer idle past the timeout rotates, closes its
 //! file and stops; the session comes back on its next frame. Rotated files
 //! go to a bounded compression pool. The dispatcher collects checkpoints and
 //! deletes WAL segments every session has materialized.
@@ -39,13 +39,13 @@ use tracing::{debug, error, info, warn};
 use wal::Segments;
 use wal::fs::Fs;
 
-use crate::events::{RotateReason, now_ms};
 use crate::ingest::Durable;
-use crate::materialize::{Appended, FileOp, SessionFile, logtmp_path};
-use crate::meta::{CompressJob, MetaStore};
 use crate::openfiles::{FileSlot, OpenFiles};
 use crate::pb::LogFrame;
-use crate::rotate::{CompressionRun, Lifecycle, Rotation, rotate_synced, run_compression};
+use store::{Appended, FileOp, SessionFile, logtmp_path};
+use store::{CompressJob, MetaStore};
+use store::{CompressionRun, Lifecycle, Rotation, rotate_synced, run_compression};
+use store::{RotateReason, now_ms};
 
 /// Compression jobs queued before new ones wait in the store only.
 pub const COMPRESS_QUEUE_MAX: usize = 1024;
@@ -86,7 +86,7 @@ pub struct WriterConfig {
     /// The admission budget, returned by writers once a batch is written.
     pub budget: Arc<Semaphore>,
     /// Where writers put their checkpoints (batched into `meta`).
-    pub checkpoints: crate::meta::CheckpointBatcher,
+    pub checkpoints: crate::checkpoints::CheckpointBatcher,
     /// Slots of LOGD_SESSIONS_ACTIVE_MAX: told when writers start and stop.
     pub active: Arc<crate::sessions::ActiveSessions>,
     /// LOGD_OUTBOX_EVENTS_MAX: with events on, rotations wait while the
@@ -399,7 +399,7 @@ fn spawn_removal(meta: Arc<dyn MetaStore>, segments: Segments, safe: u64) -> Joi
         // recovery starts from a checkpoint's offset when it scans a file.
         // The mark goes with them (salvage reads it).
         if let Err(e) = meta
-            .apply(vec![crate::meta::materialized_below_op(safe)])
+            .apply(vec![store::materialized_below_op(safe)])
             .and_then(|()| meta.flush())
         {
             error!("meta store flush failed, keeping WAL segments: {e}");
@@ -901,12 +901,12 @@ impl Writer {
 fn rotate_or_finish(
     cfg: &WriterConfig,
     session: &str,
-    ckpt: crate::meta::Checkpoint,
+    ckpt: store::Checkpoint,
     reason: RotateReason,
 ) -> Result<Option<Rotation>, Box<dyn std::error::Error + Send + Sync>> {
     let (fs, dir, meta) = (cfg.fs.as_ref(), cfg.log_dir.as_path(), cfg.meta.as_ref());
     if let Some(rot) = meta.rotations()?.into_iter().find(|r| r.session == session) {
-        crate::rotate::complete_rotation(fs, dir, meta, cfg.life, &rot)?;
+        store::complete_rotation(fs, dir, meta, cfg.life, &rot)?;
         return Ok(Some(rot));
     }
     rotate_synced(fs, dir, meta, cfg.life, session, ckpt, reason)

@@ -66,13 +66,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use logd::events::{EventKind, RotateReason};
 use logd::ingest::{Durable, IngestRequest, IngestStats, Outcome, Sequencer};
-use logd::materialize::{LOGTMP_SUFFIX, Replayer, SessionFile, render_line};
-use logd::meta::{Checkpoint, CompressJob, MetaStore, SimMeta};
 use logd::pb::LogFrame;
-use logd::rotate::{Lifecycle, parse_rotated_name, rotate_synced, run_compression};
 use logd::writer::{CheckpointTracker, PENDING_WRITE_BYTES};
+use recovery::Replayer;
+use store::{Checkpoint, CompressJob, MetaStore, SimMeta};
+use store::{EventKind, RotateReason};
+use store::{LOGTMP_SUFFIX, SessionFile, render_line};
+use store::{Lifecycle, parse_rotated_name, rotate_synced, run_compression};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use wal::fs::Fs;
 use wal::sim::{SimFs, SplitMix64};
@@ -557,7 +558,7 @@ impl World {
                 data = out;
             }
             let seqs = held.entry(session).or_default();
-            seqs.extend(data.split(|&b| b == b'\n').filter_map(logd::materialize::line_seq));
+            seqs.extend(data.split(|&b| b == b'\n').filter_map(store::line_seq));
         }
         let mut missing = Vec::new();
         // A torn tail past the mark may end the read early: that is fine.
@@ -696,7 +697,7 @@ impl World {
                 ensure!(!data.is_empty(), "{stem} is empty");
                 let seqs: Vec<i64> = data
                     .split_inclusive(|&b| b == b'\n')
-                    .filter_map(logd::materialize::line_seq)
+                    .filter_map(store::line_seq)
                     .collect();
                 ensure!(
                     seqs.first() == Some(first) && seqs.last() == Some(&r.last_seq),
@@ -1366,7 +1367,7 @@ impl World {
     fn remove(&mut self, live: &mut Live) -> Result<(), String> {
         let safe = live.tracker.safe_lsn();
         self.dmeta
-            .apply(vec![logd::meta::materialized_below_op(safe)])
+            .apply(vec![store::materialized_below_op(safe)])
             .map_err(|e| e.to_string())?;
         self.dmeta.flush().map_err(|e| e.to_string())?;
         let removed = live.segments.remove_before(safe);

@@ -19,6 +19,10 @@
 //! Only after the pass returns may the service accept frames or hand events
 //! to the Redis mirror.
 
+mod replay;
+
+pub use replay::{LifecycleRepair, Replayer, SessionReplay};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use logd::events::{Event, EventKind, RotateReason};
 use logd::pb::{LogBatch, LogFrame, StatsRequest, StatsResponse};
+use store::{Event, EventKind, RotateReason};
 
 use crate::redis_server::{RedisServer, free_port};
 use crate::util::*;
@@ -165,7 +165,7 @@ fn parse_name(name: &str, window: (i64, i64)) -> (String, i64, i64, bool) {
 }
 
 fn unix_now() -> i64 {
-    logd::events::now_ms() as i64 / 1000
+    store::now_ms() as i64 / 1000
 }
 
 /// `gzip -t` (it must pass), then `gzip -dc`: the real tool.
@@ -1398,7 +1398,7 @@ async fn compressions_left_by_a_crash_are_announced_in_seq_order() {
     let mut server = Server::start(&dir, &slow);
     let mut acked = Acked::new();
     // Start right after a second begins, so that the files get one stamp.
-    while logd::events::now_ms() % 1000 > 100 {
+    while store::now_ms() % 1000 > 100 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for _ in 0..15 {

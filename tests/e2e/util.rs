@@ -360,7 +360,7 @@ pub fn read_sessions(log_dir: &Path) -> BTreeMap<String, Vec<Line>> {
     // one second would sort `100-199` before `20-99`).
     let first_seq = |p: &PathBuf| {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        logd::rotate::parse_rotated_name(name).map(|r| (r.session, r.first_seq))
+        store::parse_rotated_name(name).map(|r| (r.session, r.first_seq))
     };
     rotated.sort_by_key(first_seq);
     for path in rotated.into_iter().chain(live) {

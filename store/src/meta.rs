@@ -1,22 +1,20 @@
 //! The metadata store: per-session checkpoints, rotations in progress,
 //! compressions in progress and the event outbox. sled in production
-//! ([`SledMeta`]); [`SimMeta`] in the power-loss simulation, where only what
+//! ([`SledMeta`]); `SimMeta` (feature `sim`) in the power-loss simulation, where only what
 //! was flushed survives a crash.
 //!
 //! Never the only record of anything: session files and the WAL are the
-//! truth, and a lost store is rebuilt from them (see `materialize::Replayer`).
+//! truth, and a lost store is rebuilt from them (see `recovery::Replayer`).
 //!
 //! The store is a small set of ordered key-value trees with atomic batches
 //! ([`MetaStore::apply`]); the typed operations are provided methods.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use crate::events::Event;
-use crate::rotate::Rotation;
+use crate::records::{Checkpoint, CompressJob, Rotation};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -80,37 +78,6 @@ impl Tree {
             Tree::Outbox => "outbox",
             Tree::Marks => "marks",
         }
-    }
-}
-
-/// Where a session's materialization stands. Written after the session file
-/// was fdatasynced up to `offset`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Checkpoint {
-    /// Bytes of the `.logtmp` that are durable and hold whole lines.
-    pub offset: u64,
-    /// Highest seq materialized for the session (in any of its files).
-    pub last_seq: i64,
-    /// LSN of the last WAL record materialized (or skipped) for it.
-    pub last_lsn: u64,
-    /// When the current `.logtmp` was started (unix ms; 0: unknown).
-    #[serde(default)]
-    pub opened_at_ms: u64,
-}
-
-/// A rotated file waiting for (or in) compression. While it is in the store,
-/// the file's `compressed` event is not recorded: the batch that records
-/// the event also clears the job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CompressJob {
-    /// The rotation that produced the file (for the `compressed` event).
-    pub rotation: Rotation,
-}
-
-impl CompressJob {
-    /// A job for a fresh rotation.
-    pub fn new(rotation: Rotation) -> Self {
-        CompressJob { rotation }
     }
 }
 
@@ -216,67 +183,6 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Events waiting in the outbox. The stores keep a count (metrics
     /// scrapes, `GetStats`, every mirror pass and every rotation ask).
     fn outbox_len(&self) -> Result<usize, MetaError>;
-}
-
-/// Checkpoints waiting in the batcher's queue, at most.
-const CHECKPOINT_QUEUE_MAX: usize = 4096;
-/// Checkpoints applied as one store batch, at most.
-const CHECKPOINT_BATCH_MAX: usize = 4096;
-
-type CheckpointPut = (String, Checkpoint, tokio::sync::oneshot::Sender<Result<(), String>>);
-
-/// Group commit for checkpoints: session writers all checkpoint on the same
-/// `LOG_FLUSH_INTERVAL_MS` tick, and one store batch of N checkpoints costs
-/// sled far less than N single writes (with 1,000 busy sessions, single
-/// writes were ~30% of logd's CPU). [`CheckpointBatcher::put`] returns once
-/// the batch holding the checkpoint was applied (not yet flushed: as with
-/// [`MetaStore::put_checkpoint`], durable after the next `flush`), so a
-/// writer's checkpoints stay in order with its other steps.
-#[derive(Clone)]
-pub struct CheckpointBatcher {
-    tx: tokio::sync::mpsc::Sender<CheckpointPut>,
-}
-
-impl CheckpointBatcher {
-    /// Starts the batching task on the current tokio runtime; it ends when
-    /// every handle is dropped.
-    pub fn start(meta: std::sync::Arc<dyn MetaStore>) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<CheckpointPut>(CHECKPOINT_QUEUE_MAX);
-        tokio::spawn(async move {
-            let mut batch = Vec::new();
-            while let Some(first) = rx.recv().await {
-                batch.push(first);
-                while batch.len() < CHECKPOINT_BATCH_MAX {
-                    match rx.try_recv() {
-                        Ok(put) => batch.push(put),
-                        Err(_) => break,
-                    }
-                }
-                let ops: Vec<Op> = batch.iter().map(|(s, c, _)| checkpoint_op(s, c)).collect();
-                let meta = meta.clone();
-                let result = match tokio::task::spawn_blocking(move || meta.apply(ops)).await {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("checkpoint batch task failed: {e}")),
-                };
-                for (_, _, reply) in batch.drain(..) {
-                    let _ = reply.send(result.clone());
-                }
-            }
-        });
-        CheckpointBatcher { tx }
-    }
-
-    /// Records `ckpt` for `session`, in a batch with whatever other writers
-    /// put meanwhile.
-    pub async fn put(&self, session: &str, ckpt: &Checkpoint) -> Result<(), String> {
-        let (reply, applied) = tokio::sync::oneshot::channel();
-        let stopped = || "the checkpoint batcher stopped".to_string();
-        self.tx
-            .send((session.to_owned(), *ckpt, reply))
-            .await
-            .map_err(|_| stopped())?;
-        applied.await.map_err(|_| stopped())?
-    }
 }
 
 /// The op that records a checkpoint.
@@ -424,107 +330,10 @@ impl MetaStore for SledMeta {
     }
 }
 
-type Trees = BTreeMap<Tree, BTreeMap<Vec<u8>, Vec<u8>>>;
-
-/// An in-memory store for the power-loss simulation and tests.
-///
-/// A write is volatile until [`MetaStore::flush`]. [`SimMeta::crash`] loses
-/// every batch not flushed; [`SimMeta::crash_keeping`] keeps a prefix of
-/// them, as sled's background flush (which persists its log in order) may
-/// have written some before the crash. Batches are atomic either way.
-#[derive(Default)]
-pub struct SimMeta {
-    state: Mutex<SimState>,
-}
-
-#[derive(Default)]
-struct SimState {
-    volatile: Trees,
-    durable: Trees,
-    /// Batches applied since the last flush, in order.
-    unflushed: Vec<Vec<Op>>,
-    next_id: u64,
-}
-
-fn apply_ops(trees: &mut Trees, ops: &[Op]) {
-    for (t, k, v) in ops {
-        let tree = trees.entry(*t).or_default();
-        match v {
-            Some(v) => tree.insert(k.clone(), v.clone()),
-            None => tree.remove(k),
-        };
-    }
-}
-
-impl SimMeta {
-    /// An empty store.
-    pub fn new() -> Self {
-        SimMeta::default()
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, SimState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Batches not flushed yet.
-    pub fn unflushed(&self) -> usize {
-        self.state().unflushed.len()
-    }
-
-    /// Power loss: only flushed writes survive.
-    pub fn crash(&self) {
-        self.crash_keeping(0);
-    }
-
-    /// Power loss that also keeps the first `keep` unflushed batches.
-    pub fn crash_keeping(&self, keep: usize) {
-        let mut st = self.state();
-        let unflushed = std::mem::take(&mut st.unflushed);
-        for ops in unflushed.iter().take(keep) {
-            apply_ops(&mut st.durable, ops);
-        }
-        st.volatile = st.durable.clone();
-    }
-}
-
-impl MetaStore for SimMeta {
-    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, MetaError> {
-        Ok(self.state().volatile.get(&tree).and_then(|t| t.get(key).cloned()))
-    }
-    fn apply(&self, ops: Vec<Op>) -> Result<(), MetaError> {
-        let mut st = self.state();
-        apply_ops(&mut st.volatile, &ops);
-        st.unflushed.push(ops);
-        Ok(())
-    }
-    fn scan(&self, tree: Tree) -> Result<Rows, MetaError> {
-        let st = self.state();
-        Ok(st
-            .volatile
-            .get(&tree)
-            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default())
-    }
-    fn outbox_len(&self) -> Result<usize, MetaError> {
-        Ok(self.state().volatile.get(&Tree::Outbox).map_or(0, |t| t.len()))
-    }
-    fn flush(&self) -> Result<(), MetaError> {
-        let mut st = self.state();
-        st.unflushed.clear();
-        st.durable = st.volatile.clone();
-        Ok(())
-    }
-    fn next_id(&self) -> Result<u64, MetaError> {
-        // Ids must grow across crashes too (sled's generate_id does).
-        let mut st = self.state();
-        st.next_id += 1;
-        Ok(st.next_id)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::SimMeta;
 
     #[test]
     fn sled_batches_across_trees_are_applied_together_and_survive_reopen() {

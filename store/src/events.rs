@@ -76,33 +76,6 @@ pub fn event_id(kind: EventKind, session: &str, first_seq: i64, last_seq: i64) -
     format!("{k}:{session}:{first_seq}-{last_seq}")
 }
 
-/// How `content` is encoded on the stream (`REDIS_PUBSUB_FORMAT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Encoding {
-    /// JSON text.
-    Json,
-    /// MessagePack (rmp-serde, struct as a map).
-    Msgpack,
-}
-
-impl Encoding {
-    /// The name sent in the stream's `encoding` field.
-    pub fn name(self) -> &'static str {
-        match self {
-            Encoding::Json => "json",
-            Encoding::Msgpack => "msgpack",
-        }
-    }
-
-    /// Encodes an event.
-    pub fn encode(self, e: &Event) -> Vec<u8> {
-        match self {
-            Encoding::Json => serde_json::to_vec(e).expect("event encodes as JSON"),
-            Encoding::Msgpack => rmp_serde::to_vec_named(e).expect("event encodes as msgpack"),
-        }
-    }
-}
-
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -114,25 +87,6 @@ pub fn now_ms() -> u64 {
 mod tests {
     use super::*;
 
-    fn sample() -> Event {
-        Event {
-            event_id: event_id(EventKind::Rotated, "s", 1, 9),
-            kind: EventKind::Rotated,
-            session_id: "s".into(),
-            path: "s.20261129T051407Z.1-9.log".into(),
-            first_seq: 1,
-            last_seq: 9,
-            frames: 9,
-            bytes: 900,
-            first_time: "t0".into(),
-            last_time: "t1".into(),
-            reason: RotateReason::Size,
-            compression: "none".into(),
-            checksum: "crc32:0000abcd".into(),
-            timestamp_ms: 5,
-        }
-    }
-
     #[test]
     fn event_ids_are_deterministic_per_kind_session_and_range() {
         assert_eq!(event_id(EventKind::Rotated, "s", 1, 9), "rotated:s:1-9");
@@ -140,15 +94,5 @@ mod tests {
             event_id(EventKind::Compressed, "s", 1, 9),
             event_id(EventKind::Rotated, "s", 1, 9)
         );
-    }
-
-    #[test]
-    fn both_encodings_round_trip() {
-        let e = sample();
-        let j = Encoding::Json.encode(&e);
-        assert_eq!(serde_json::from_slice::<Event>(&j).unwrap(), e);
-        assert!(String::from_utf8(j).unwrap().contains("\"kind\":\"rotated\""));
-        let m = Encoding::Msgpack.encode(&e);
-        assert_eq!(rmp_serde::from_slice::<Event>(&m).unwrap(), e);
     }
 }

@@ -31,83 +31,14 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use wal::fs::{Fs, FsFile, OpenMode};
 
 use crate::events::{Event, EventKind, RotateReason, event_id, now_ms};
-use crate::materialize::{LOGTMP_SUFFIX, line_seq};
-use crate::meta::{Checkpoint, CompressJob, MetaStore, checkpoint_op, compress_op, event_op, rotation_op};
-
-/// Suffix of a rotated, uncompressed file.
-pub const LOG_SUFFIX: &str = ".log";
-/// Suffix of a compressed file.
-pub const GZ_SUFFIX: &str = ".log.gz";
-
-/// The parts of a rotated file's name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RotatedName {
-    /// The session.
-    pub session: String,
-    /// `yyyymmddTHHMMSSZ`.
-    pub stamp: String,
-    /// First seq in the file.
-    pub first_seq: i64,
-    /// Last seq in the file.
-    pub last_seq: i64,
-    /// Whether it is the `.log.gz`.
-    pub gz: bool,
-}
-
-/// `<session>.<yyyymmddTHHMMSSZ>.<first>-<last>.log` for a rotation at `at_ms`.
-pub fn rotated_name(session: &str, at_ms: u64, first_seq: i64, last_seq: i64) -> String {
-    let t = chrono::DateTime::from_timestamp_millis(at_ms as i64).unwrap_or_default();
-    format!(
-        "{session}.{}.{first_seq}-{last_seq}{LOG_SUFFIX}",
-        t.format("%Y%m%dT%H%M%SZ")
-    )
-}
-
-/// Parses a rotated file name (`.log` or `.log.gz`). Session ids may hold
-/// dots, so the name is taken apart from the right.
-pub fn parse_rotated_name(name: &str) -> Option<RotatedName> {
-    let (stem, gz) = match name.strip_suffix(GZ_SUFFIX) {
-        Some(s) => (s, true),
-        None => (name.strip_suffix(LOG_SUFFIX)?, false),
-    };
-    let (rest, range) = stem.rsplit_once('.')?;
-    let (session, stamp) = rest.rsplit_once('.')?;
-    let (first, last) = range.split_once('-')?;
-    let ok_stamp = stamp.len() == 16 && stamp.as_bytes()[8] == b'T' && stamp.ends_with('Z');
-    if !ok_stamp || !crate::validate::session_id_is_valid(session) {
-        return None;
-    }
-    Some(RotatedName {
-        session: session.to_owned(),
-        stamp: stamp.to_owned(),
-        first_seq: first.parse().ok()?,
-        last_seq: last.parse().ok()?,
-        gz,
-    })
-}
-
-/// What a finished file holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct FileStats {
-    /// First seq.
-    pub first_seq: i64,
-    /// Last seq.
-    pub last_seq: i64,
-    /// Lines.
-    pub frames: u64,
-    /// Bytes.
-    pub bytes: u64,
-    /// `time` of the first line.
-    pub first_time: String,
-    /// `time` of the last line.
-    pub last_time: String,
-    /// crc32 of the bytes.
-    pub crc32: u32,
-}
+use crate::line::line_seq;
+use crate::meta::{MetaStore, checkpoint_op, compress_op, event_op, rotation_op};
+use crate::names::{LOGTMP_SUFFIX, rotated_name};
+use crate::records::{Checkpoint, CompressJob, FileStats, Rotation};
 
 fn line_time(line: &[u8]) -> String {
     #[derive(Deserialize)]
@@ -154,21 +85,6 @@ pub fn file_stats(fs: &dyn Fs, path: &Path) -> io::Result<FileStats> {
     stats.last_time = line_time(&last_line);
     stats.crc32 = crc.finalize();
     Ok(stats)
-}
-
-/// A rotation recorded before its rename (step 2), so recovery can finish it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rotation {
-    /// The session.
-    pub session: String,
-    /// Final file name (in `LOG_DIR`).
-    pub to: String,
-    /// What the file holds.
-    pub stats: FileStats,
-    /// Why.
-    pub reason: RotateReason,
-    /// When (unix ms).
-    pub rotated_at_ms: u64,
 }
 
 /// Renames the session's `.logtmp` to `rot.to` and fsyncs the directory.
@@ -491,7 +407,7 @@ pub fn run_compression(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::SimMeta;
+    use crate::sim::SimMeta;
 
     /// A rotated `.log` with two lines and its job in `meta`, as
     /// `complete_rotation` leaves them.
@@ -569,23 +485,5 @@ mod tests {
         complete_rotation(&fs, dir.path(), &meta, LIFE, &rot).unwrap();
         assert_eq!(events(&meta), ["rotated:s:1-2"]);
         assert!(meta.rotations().unwrap().is_empty());
-    }
-
-    #[test]
-    fn rotated_names_sort_by_time_and_parse_back_even_with_dots_in_the_session() {
-        let a = rotated_name("a.b-c", 1_700_000_000_000, 1, 10);
-        assert_eq!(a, "a.b-c.20231114T221320Z.1-10.log");
-        let p = parse_rotated_name(&a).unwrap();
-        assert_eq!(
-            (p.session.as_str(), p.first_seq, p.last_seq, p.gz),
-            ("a.b-c", 1, 10, false)
-        );
-        let g = parse_rotated_name(&format!("{a}.gz")).unwrap();
-        assert!(g.gz);
-        let later = rotated_name("a.b-c", 1_700_000_001_000, 11, 12);
-        assert!(a < later);
-        assert_eq!(parse_rotated_name("x.logtmp"), None);
-        assert_eq!(parse_rotated_name("x.log.gz.tmp"), None);
-        assert_eq!(parse_rotated_name("../x.20231114T221320Z.1-2.log"), None);
     }
 }

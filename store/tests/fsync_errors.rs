@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use logd::materialize::{SessionFile, logtmp_path};
-use logd::pb::LogFrame;
+use store::pb::LogFrame;
+use store::{SessionFile, logtmp_path};
 use wal::fs::Fs;
 use wal::sim::SimFs;
 
