@@ -9,17 +9,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use logd::config::{Command, RecoverArgs, RotateArgs, SendArgs, StatusArgs, WalArgs, WalCommand};
-use logd::server::{StateLock, open_meta};
+use logd::server::StateLock;
 use recovery::Replayer;
 use serde_json::json;
-use store::{MetaStore, SledMeta};
-use wal::fs::{Fs, RealFs};
+use wal::fs::RealFs;
 use wal::{Damage, SegmentScan};
 
 /// Exit code for an error: 2 when the state needs an operator, else 1.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     let integrity = e.chain().any(|c| {
-        c.downcast_ref::<recovery::Error>().is_some_and(|r| r.is_integrity())
+        c.downcast_ref::<recovery::PassError>()
+            .is_some_and(|r| r.is_integrity())
+            || c.downcast_ref::<recovery::Error>().is_some_and(|r| r.is_integrity())
             || c.downcast_ref::<wal::Error>().is_some_and(|w| {
                 matches!(
                     w,
@@ -267,8 +268,10 @@ fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
 fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
     let store = &args.store;
     let _lock = StateLock::acquire(&store.state_dir())?;
-    let fs: Arc<dyn Fs> = Arc::new(RealFs);
-    let opts = store.wal_options().map_err(anyhow::Error::msg)?;
+    if !args.dry_run {
+        logd::server::create_dir_durably(&store.log_dir)
+            .with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
+    }
     let bar = progress_bar(!args.json);
     let progress = |p: recovery::Progress| {
         if let Some(b) = &bar {
@@ -277,67 +280,47 @@ fn recover(args: RecoverArgs) -> anyhow::Result<ExitCode> {
             b.set_message(format!("{} records", p.records));
         }
     };
-    let (meta, meta_aside) = if args.dry_run {
-        (open_meta_read_only(&store.meta_dir())?, None)
-    } else {
-        logd::server::create_dir_durably(&store.log_dir)
-            .with_context(|| format!("creating LOG_DIR {}", store.log_dir.display()))?;
-        open_meta(&store.meta_dir(), args.rebuild_meta)?
+    let opts = recovery::PassOptions {
+        fs: Arc::new(RealFs),
+        log_dir: store.log_dir.clone(),
+        wal_dir: store.wal_dir(),
+        meta_dir: store.meta_dir(),
+        wal: store.wal_options().map_err(anyhow::Error::msg)?,
+        lifecycle: args.lifecycle.lifecycle(),
+        files_open_max: logd::openfiles::default_open_files_max(),
+        dry_run: args.dry_run,
+        salvage: args.salvage,
+        rebuild_meta: args.rebuild_meta,
+        // What `serve`'s compression pool would do next: finish the pending
+        // compressions, so that `serve` finds nothing left.
+        finish_compressions: true,
     };
-    let wal_dir = store.wal_dir();
-    let meta_view = meta.clone();
-    // Read before the pass: salvage compares damaged LSNs with it.
-    let materialized_below = meta_view.materialized_below_lsn()?;
-    let (report, mut replayer) = if args.dry_run {
-        let mut replayer =
-            Replayer::dry_run(fs.clone(), &store.log_dir, meta).with_lifecycle(args.lifecycle.lifecycle());
-        let report = if args.salvage {
-            recovery::salvage_dry_run(fs, &wal_dir, opts, &mut replayer, progress)
-        } else {
-            recovery::dry_run(fs, &wal_dir, opts, &mut replayer, progress)
-        };
-        (report.map_err(with_salvage_hint)?, replayer)
-    } else {
-        let mut replayer = Replayer::new(fs.clone(), &store.log_dir, meta)
-            .with_lifecycle(args.lifecycle.lifecycle())
-            .with_files_open_max(logd::openfiles::default_open_files_max());
-        let (_wal, report) = if args.salvage {
-            recovery::salvage(fs, &wal_dir, opts, &mut replayer, progress)?
-        } else {
-            recovery::run(fs, &wal_dir, opts, &mut replayer, progress).map_err(with_salvage_hint)?
-        };
-        (report, replayer)
-    };
-    // What `serve`'s compression pool would do next: finish the pending
-    // compressions, so that `serve` finds nothing left.
-    replayer
-        .finish_compressions()
-        .map_err(|e| anyhow::anyhow!("finishing pending compressions: {e}"))?;
+    let pass = recovery::run_pass(opts, progress).map_err(|e| with_salvage_hint(e, args.salvage && !args.dry_run))?;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let outbox_events = meta_view.outbox_len()? as u64
+    let outbox_events = pass.meta.outbox_len()? as u64
         + if args.dry_run {
-            replayer.lifecycle.events_recorded
+            pass.replayer.lifecycle.events_recorded
         } else {
             0
         };
     print_recovery(
         &args,
-        &report,
-        &replayer,
-        meta_aside.as_deref(),
+        &pass.report,
+        &pass.replayer,
+        pass.meta_moved_aside_to.as_deref(),
         outbox_events,
-        materialized_below,
+        pass.materialized_below,
     );
     Ok(ExitCode::SUCCESS)
 }
 
 /// A damaged WAL's error, with the next steps for the operator.
-fn with_salvage_hint(e: recovery::Error) -> anyhow::Error {
+fn with_salvage_hint(e: recovery::PassError, salvaging: bool) -> anyhow::Error {
     let integrity = e.is_integrity();
     let e = anyhow::Error::new(e);
-    if integrity {
+    if integrity && !salvaging {
         e.context(
             "the WAL is damaged: `logd recover --salvage --dry-run` shows what salvage would keep and lose \
              (it changes nothing), then `logd recover --salvage` keeps every readable record, moves the damaged \
@@ -360,35 +343,6 @@ fn range_loses(l: &wal::LostRange, materialized_below: u64) -> bool {
     let (lost, _) = split_lost(l, materialized_below);
     // A range with nothing valid after it holds an unknown number of records.
     lost > 0 || (l.lsn_to == l.lsn_from && l.lsn_from >= materialized_below)
-}
-
-/// A read-only view of the checkpoints for `--dry-run`: sled cannot open a
-/// store read-only, so a copy is opened instead (or none, if unreadable).
-fn open_meta_read_only(dir: &Path) -> anyhow::Result<Arc<dyn MetaStore>> {
-    let copy = tempfile::Builder::new().prefix("logd-meta-dry-run-").tempdir()?;
-    if dir.exists() {
-        for entry in walk(dir)? {
-            let rel = entry.strip_prefix(dir)?;
-            let target = copy.path().join(rel);
-            std::fs::create_dir_all(target.parent().expect("has parent"))?;
-            std::fs::copy(&entry, &target)?;
-        }
-    }
-    let meta = match std::panic::catch_unwind(|| SledMeta::open(copy.path())) {
-        Ok(Ok(m)) => m,
-        _ => SledMeta::open(&copy.path().join("empty"))?,
-    };
-    std::mem::forget(copy); // sled keeps files open; the OS cleans /tmp
-    Ok(Arc::new(meta))
-}
-
-fn walk(dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() { out.extend(walk(&p)?) } else { out.push(p) }
-    }
-    Ok(out)
 }
 
 fn lost_json(l: &wal::LostRange, materialized_below: u64) -> serde_json::Value {

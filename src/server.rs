@@ -30,8 +30,6 @@ use crate::service::{AdminSvc, BUDGET_UNIT_BYTES, LogSvc, Ready, Shared};
 use crate::writer::{
     COMPRESS_QUEUE_MAX, DispatchStats, RotationLimits, WriterConfig, run_compression_pool, run_dispatcher,
 };
-use recovery::Replayer;
-use store::{MetaStore, SledMeta};
 
 /// Requests staged into one group commit at most.
 const COMMIT_BATCH_REQUESTS_MAX: usize = 4096;
@@ -95,62 +93,6 @@ pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
     wal::fs::create_dir_durably(&RealFs, dir)
 }
 
-/// Opens the metadata store. When it cannot be opened (sled 0.34 has open
-/// reports of stores that will not reopen after an abrupt stop), or when
-/// `rebuild` asks for it, the directory is moved aside (never deleted) and a
-/// fresh store is created; the recovery pass then rebuilds every checkpoint
-/// from the session files and the WAL. Returns where the old store went.
-pub fn open_meta(dir: &Path, rebuild: bool) -> anyhow::Result<(Arc<dyn MetaStore>, Option<PathBuf>)> {
-    let failure = if rebuild {
-        Some("rebuild requested".to_owned())
-    } else {
-        create_dir_durably(dir).with_context(|| format!("creating {}", dir.display()))?;
-        match catch_expected_panic(|| SledMeta::open(dir)) {
-            Ok(Ok(meta)) => return Ok((Arc::new(meta), None)),
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("sled panicked while opening".to_owned()),
-        }
-    };
-    let mut aside = None;
-    if dir.exists() {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let target = dir.with_file_name(format!("meta.broken-{stamp}"));
-        std::fs::rename(dir, &target).with_context(|| format!("moving {} aside", dir.display()))?;
-        if let Some(parent) = dir.parent() {
-            RealFs
-                .sync_dir(parent)
-                .with_context(|| format!("fsync {}", parent.display()))?;
-        }
-        aside = Some(target);
-    }
-    create_dir_durably(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let why = failure.unwrap_or_default();
-    error!(
-        meta = %dir.display(),
-        moved_to = ?aside,
-        "metadata store unusable ({why}): rebuilding it from the session files and the WAL"
-    );
-    let meta = SledMeta::open(dir).with_context(|| format!("creating a fresh metadata store in {}", dir.display()))?;
-    Ok((Arc::new(meta), aside))
-}
-
-thread_local! {
-    /// Set while [`catch_expected_panic`] runs: the fail-stop hook lets such a
-    /// panic unwind to its `catch_unwind`.
-    static PANIC_EXPECTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// `catch_unwind` for a call known to panic on bad input (sled's open), which
-/// the fail-stop hook of `logd serve` must not turn into an abort.
-fn catch_expected_panic<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> std::thread::Result<R> {
-    let before = PANIC_EXPECTED.replace(true);
-    let result = std::panic::catch_unwind(f);
-    PANIC_EXPECTED.set(before);
-    result
-}
-
 /// Makes every panic in `logd serve` end the process: the message (and
 /// backtrace, per `RUST_BACKTRACE`) is printed, logged, and the process
 /// aborts. Without it a panic would end only its thread or task (the commit
@@ -162,7 +104,7 @@ fn install_fail_stop_panic_hook() {
     let print = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         print(info);
-        if PANIC_EXPECTED.get() {
+        if recovery::panic_expected() {
             return;
         }
         let thread = std::thread::current();
@@ -740,62 +682,71 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("logd: recovering on {addr}");
     info!(%addr, log_dir = %store.log_dir.display(), tls = args.tls_cert.is_some(), "listening; recovering before serving");
 
-    let (meta, meta_aside) = open_meta(&store.meta_dir(), false)?;
-    if meta_aside.is_some() {
+    let pass_opts = recovery::PassOptions {
+        fs: fs.clone(),
+        log_dir: store.log_dir.clone(),
+        wal_dir: store.wal_dir(),
+        meta_dir: store.meta_dir(),
+        wal: store.wal_options().map_err(anyhow::Error::msg)?,
+        lifecycle: args.lifecycle.lifecycle(),
+        files_open_max: open_files_max,
+        dry_run: false,
+        salvage: false,
+        rebuild_meta: false,
+        finish_compressions: false,
+    };
+    let life = pass_opts.lifecycle;
+    let pass = tokio::task::spawn_blocking(move || recovery::run_pass(pass_opts, |_| {}))
+        .await?
+        .map_err(|e| {
+            let integrity = e.is_integrity();
+            let e = anyhow::Error::new(e);
+            if integrity {
+                e.context(
+                    "refusing to start: the WAL is damaged in the middle. Next: `logd recover --dry-run` \
+                     (changes nothing) to see the damage, then `logd recover --salvage` (add --dry-run first \
+                     to see what it would keep and lose) to keep every readable record, move the damaged WAL \
+                     aside and report what was lost",
+                )
+            } else {
+                e
+            }
+        })?;
+    let recovery::Pass {
+        wal,
+        report,
+        replayer,
+        meta,
+        meta_moved_aside_to,
+        ..
+    } = pass;
+    let wal = wal.expect("a live pass returns the WAL");
+    if meta_moved_aside_to.is_some() {
         metrics.meta_rebuilds.inc();
     }
-    let wal_opts = store.wal_options().map_err(anyhow::Error::msg)?;
-    let life = args.lifecycle.lifecycle();
-    let foreign_moved_in_recovery = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (wal, report) = {
-        let (fs, log_dir, meta, wal_dir) = (fs.clone(), store.log_dir.clone(), meta.clone(), store.wal_dir());
-        let m = metrics.clone();
-        let foreign_moved = foreign_moved_in_recovery.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut replayer = Replayer::new(fs.clone(), &log_dir, meta)
-                .with_lifecycle(life)
-                .with_files_open_max(open_files_max);
-            let out = recovery::run(fs, &wal_dir, wal_opts, &mut replayer, |_| {}).map_err(|e| {
-                let integrity = e.is_integrity();
-                let e = anyhow::Error::new(e);
-                if integrity {
-                    e.context(
-                        "refusing to start: the WAL is damaged in the middle. Next: `logd recover --dry-run` \
-                         (changes nothing) to see the damage, then `logd recover --salvage` (add --dry-run first \
-                         to see what it would keep and lose) to keep every readable record, move the damaged WAL \
-                         aside and report what was lost",
-                    )
-                } else {
-                    e
-                }
-            });
-            let l = &replayer.lifecycle;
-            if l.meta_rebuilt {
-                m.meta_rebuilds.inc();
-                warn!(
-                    events_reemitted = l.events_reemitted,
-                    compressions_queued = l.compressions_queued,
-                    "recovery: the metadata store held no checkpoints; rebuilt it from the session files and the WAL"
-                );
-            }
-            foreign_moved.store(l.foreign_files_moved.len() as u64, Ordering::Relaxed);
-            if !l.foreign_files_moved.is_empty() {
-                error!(moved_to = ?l.foreign_files_moved, "recovery: moved foreign files found at session file names aside (symbolic links, non-regular files, or files without a line of logd's); they were not written through");
-            }
-            if !l.empty_files_removed.is_empty() {
-                info!(files = ?l.empty_files_removed, "recovery: removed empty session files without frames");
-            }
-            if !l.rotations_finished.is_empty() || !l.compressions_finished.is_empty() {
-                info!(rotations = ?l.rotations_finished, compressions = ?l.compressions_finished, events = l.events_recorded, "recovery: finished interrupted file steps");
-            }
-            let left = replayer.compressions_left();
-            if !left.is_empty() {
-                info!(files = ?left, "recovery: {} compression(s) left for the compression pool", left.len());
-            }
-            out
-        })
-        .await??
-    };
+    let l = &replayer.lifecycle;
+    if l.meta_rebuilt {
+        metrics.meta_rebuilds.inc();
+        warn!(
+            events_reemitted = l.events_reemitted,
+            compressions_queued = l.compressions_queued,
+            "recovery: the metadata store held no checkpoints; rebuilt it from the session files and the WAL"
+        );
+    }
+    let foreign_moved_in_recovery = l.foreign_files_moved.len() as u64;
+    if !l.foreign_files_moved.is_empty() {
+        error!(moved_to = ?l.foreign_files_moved, "recovery: moved foreign files found at session file names aside (symbolic links, non-regular files, or files without a line of logd's); they were not written through");
+    }
+    if !l.empty_files_removed.is_empty() {
+        info!(files = ?l.empty_files_removed, "recovery: removed empty session files without frames");
+    }
+    if !l.rotations_finished.is_empty() || !l.compressions_finished.is_empty() {
+        info!(rotations = ?l.rotations_finished, compressions = ?l.compressions_finished, events = l.events_recorded, "recovery: finished interrupted file steps");
+    }
+    let left = replayer.compressions_left();
+    if !left.is_empty() {
+        info!(files = ?left, "recovery: {} compression(s) left for the compression pool", left.len());
+    }
     if let Some(t) = &report.open.torn_tail {
         warn!(segment = %t.segment.display(), offset = t.offset, bytes = t.bytes, why = t.why, "recovery: truncated a torn WAL tail");
     }
@@ -822,7 +773,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let dispatch_stats = Arc::new(DispatchStats::default());
     dispatch_stats
         .foreign_files_moved
-        .store(foreign_moved_in_recovery.load(Ordering::Relaxed), Ordering::Relaxed);
+        .store(foreign_moved_in_recovery, Ordering::Relaxed);
     let (to_dispatcher, dispatcher_rx) = mpsc::unbounded_channel();
     let start_lsn = wal.next_lsn();
     let segments = wal.segments();

@@ -19,8 +19,12 @@
 //! Only after the pass returns may the service accept frames or hand events
 //! to the Redis mirror.
 
+mod open_meta;
+mod pass;
 mod replay;
 
+pub use open_meta::{OpenMetaError, open_meta, open_meta_read_only, panic_expected};
+pub use pass::{Pass, PassError, PassOptions, run_pass};
 pub use replay::{LifecycleRepair, Replayer, SessionReplay};
 
 use std::path::{Path, PathBuf};
