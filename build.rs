@@ -26,8 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     config
         // prost's codec, with decode errors as INVALID_ARGUMENT naming the
-        // message (src/codec.rs).
-        .codec_path("crate::codec::LogdCodec")
+        // message (src/grpc/codec.rs).
+        .codec_path("crate::grpc::codec::LogdCodec")
         .file_descriptor_set_path(out_dir.join("logging_v1_descriptor.bin"))
         .compile_protos(
             &["proto/logging/v1/logging.proto", "proto/logging/v1/admin.proto"],

@@ -246,8 +246,8 @@ pub struct LifecycleArgs {
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Encoding of each event's `content` field on the stream.
-    #[arg(long, env = "REDIS_PUBSUB_FORMAT", value_enum, default_value_t = crate::encoding::Encoding::Json)]
-    pub redis_format: crate::encoding::Encoding,
+    #[arg(long, env = "REDIS_PUBSUB_FORMAT", value_enum, default_value_t = crate::outbox::encoding::Encoding::Json)]
+    pub redis_format: crate::outbox::encoding::Encoding,
     /// Stream key events are XADDed to.
     #[arg(long, env = "LOGD_REDIS_STREAM", default_value = "logd:events")]
     pub redis_stream: String,

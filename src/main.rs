@@ -7,8 +7,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use logd::config::{Cli, Command, LogFormat};
 
-mod cli;
-
 /// jemalloc instead of glibc malloc: the ingest path allocates a few small
 /// buffers per frame (decoded strings, batch vectors) on one thread and frees
 /// them on another; glibc's malloc/free/consolidate was ~15% of the profile.
@@ -54,11 +52,11 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(cli::run(cli.command)) {
+    match runtime.block_on(logd::cli::run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("logd: error: {}", cli::error_line(&e));
-            ExitCode::from(cli::exit_code(&e))
+            eprintln!("logd: error: {}", logd::cli::error_line(&e));
+            ExitCode::from(logd::cli::exit_code(&e))
         }
     }
 }

@@ -66,9 +66,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use logd::ingest::{Durable, IngestRequest, IngestStats, Outcome, Sequencer};
 use logd::pb::LogFrame;
-use logd::writer::{CheckpointTracker, PENDING_WRITE_BYTES};
+use logd::pipeline::{CheckpointTracker, PENDING_WRITE_BYTES};
+use logd::pipeline::{Durable, IngestRequest, IngestStats, Outcome, Sequencer};
 use recovery::Replayer;
 use store::{Checkpoint, CompressJob, MetaStore, SimMeta};
 use store::{EventKind, RotateReason};

@@ -29,7 +29,7 @@ pub use names::{
     GZ_SUFFIX, LOG_SUFFIX, LOGTMP_SUFFIX, RotatedName, SESSION_ID_BYTES_MAX, logtmp_path, parse_rotated_name,
     rotated_name, session_id_is_valid,
 };
-pub use records::{Checkpoint, CompressJob, FileStats, Rotation};
+pub use records::{Checkpoint, CompressJob, FileStats, Rotation, SEQ_MAX};
 pub use rotate::{
     Compressed, CompressionRun, Lifecycle, checksum, complete_rotation, compress_step, compressed_event, file_stats,
     remove_source, rename_step, rotate_synced, rotated_event, run_compression,

@@ -7,6 +7,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::RotateReason;
 
+/// The largest seq a session may hold, client-sent or server-assigned: the
+/// whole `int64` range of the contract. A session at `SEQ_MAX` has no seq
+/// left: a `seq == 0` frame after it is refused per frame, never wrapped.
+/// (Readers that parse JSON numbers as doubles must read seqs beyond 2^53
+/// as big integers: the session files write them exactly.)
+pub const SEQ_MAX: i64 = i64::MAX;
+
 /// Where a session's materialization stands. Written after the session file
 /// was fdatasynced up to `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

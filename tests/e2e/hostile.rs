@@ -33,11 +33,7 @@ async fn a_session_at_the_largest_seq_refuses_server_seqs_per_frame_and_every_ac
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[]);
     let mut client = server.client().await;
-    assert_eq!(
-        logd::validate::SEQ_MAX,
-        i64::MAX,
-        "the whole int64 range of the contract"
-    );
+    assert_eq!(store::SEQ_MAX, i64::MAX, "the whole int64 range of the contract");
 
     // The probe's exact sequence: 1, 2, 3, i64::MAX, 0, 0. The old code
     // wrapped `last + 1` to negative seqs, acked both frames and never wrote

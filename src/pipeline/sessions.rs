@@ -107,18 +107,9 @@ impl ActiveSessions {
     }
 
     /// Sessions active or reserved now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inner().slots.len()
-    }
-
-    /// Whether no session is active.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The cap.
-    pub fn max(&self) -> usize {
-        self.max
     }
 }
 

@@ -1,6 +1,6 @@
 //! The gRPC edge: `logging.v1.LogService` and `logging.v1.AdminService`.
 //! Validation and chunking happen here; durable work is the pipeline's
-//! ([`crate::ingest`]). Errors become `Status` codes only in this module.
+//! ([`crate::pipeline::sequencer`]). Errors become `Status` codes only in this module.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,17 +17,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::ingest::{IngestReply, IngestRequest, IngestStats, Outcome};
-use crate::metrics::Metrics;
-use crate::mirror::MirrorStats;
+use crate::grpc::validate::{SEQ_MAX, validate};
 use crate::pb::admin_service_server::AdminService;
 use crate::pb::log_service_server::LogService;
 use crate::pb::{
     LogBatch, LogFrame, Rejection, RotateRequest, RotateResponse, SessionInfo, SessionRange, SessionRequest,
     StatsRequest, StatsResponse, WriteLogAck, WriteLogResponse,
 };
-use crate::validate::{SEQ_MAX, validate};
-use crate::writer::{Control, DispatchStats};
+use crate::pipeline::sequencer::{IngestReply, IngestRequest, Outcome};
+use crate::pipeline::writer::Control;
+use crate::telemetry::prometheus::Metrics;
+use crate::telemetry::stats::{DispatchStats, IngestStats, MirrorStats};
 use store::MetaStore;
 
 /// Rejections listed in one response (the count is always exact).
@@ -77,7 +77,7 @@ pub struct Shared {
     /// A stream that sends nothing this long is closed.
     pub stream_idle_timeout: Duration,
     /// Slots of LOGD_SESSIONS_ACTIVE_MAX.
-    pub active_sessions: Arc<crate::sessions::ActiveSessions>,
+    pub active_sessions: Arc<crate::pipeline::sessions::ActiveSessions>,
     /// LOG_IDLE_TIMEOUT_SECONDS: when an idle session frees its slot.
     pub idle_timeout: Duration,
     /// Why rotations wait now (the event outbox is full), if they do.
@@ -569,7 +569,7 @@ impl LogService for LogSvc {
         for frame in batch.frames {
             // A frame that did not decode (src/codec.rs) ends the batch:
             // what came before it is made durable and counted.
-            let pushed = match crate::codec::decode_failure(&frame) {
+            let pushed = match crate::grpc::codec::decode_failure(&frame) {
                 Some(why) => Err(Status::invalid_argument(why.to_owned())),
                 None => ingest.push(frame),
             };
@@ -765,7 +765,7 @@ impl AdminService for AdminSvc {
             outbox_events: s.meta.outbox_len().unwrap_or(0) as u64,
             events_published: s.mirror.published.load(Ordering::Relaxed),
             events_failed: s.mirror.failed.load(Ordering::Relaxed),
-            open_fds: crate::openfiles::open_fds(),
+            open_fds: crate::telemetry::fds::open_fds(),
         }))
     }
 

@@ -13,9 +13,7 @@ use prometheus::{
     exponential_buckets,
 };
 
-use crate::ingest::IngestStats;
-use crate::mirror::MirrorStats;
-use crate::writer::DispatchStats;
+use crate::telemetry::stats::{DispatchStats, IngestStats, MirrorStats};
 
 /// Every metric of the process.
 pub struct Metrics {
@@ -277,7 +275,7 @@ impl Metrics {
     }
 
     fn refresh(&self) {
-        self.open_files.set(crate::openfiles::open_fds() as i64);
+        self.open_files.set(crate::telemetry::fds::open_fds() as i64);
         let Some(s) = self.sources.get() else { return };
         let l = Ordering::Relaxed;
         catch_up(&self.frames_accepted, s.ingest.accepted.load(l));

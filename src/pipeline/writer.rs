@@ -7,7 +7,7 @@
 //! go to a bounded compression pool. The dispatcher collects checkpoints and
 //! deletes WAL segments every session has materialized.
 //!
-//! Open files are bounded ([`crate::openfiles`]): a writer holds a slot while
+//! Open files are bounded ([`crate::pipeline::openfiles`]): a writer holds a slot while
 //! its file is open and closes it (synced and checkpointed) when another
 //! session needs the slot. I/O errors are decided per error ([`on_error`]):
 //! shortages are retried with capped backoff; anything else, and every
@@ -30,7 +30,7 @@
 use foldhash::{HashMap, HashMapExt};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
@@ -39,9 +39,10 @@ use tracing::{debug, error, info, warn};
 use wal::Segments;
 use wal::fs::Fs;
 
-use crate::ingest::Durable;
-use crate::openfiles::{FileSlot, OpenFiles};
 use crate::pb::LogFrame;
+use crate::pipeline::openfiles::{FileSlot, OpenFiles};
+use crate::pipeline::sequencer::Durable;
+use crate::telemetry::stats::DispatchStats;
 use store::{Appended, FileOp, SessionFile, logtmp_path};
 use store::{CompressJob, MetaStore};
 use store::{CompressionRun, Lifecycle, Rotation, rotate_synced, run_compression};
@@ -86,9 +87,9 @@ pub struct WriterConfig {
     /// The admission budget, returned by writers once a batch is written.
     pub budget: Arc<Semaphore>,
     /// Where writers put their checkpoints (batched into `meta`).
-    pub checkpoints: crate::checkpoints::CheckpointBatcher,
+    pub checkpoints: crate::pipeline::checkpoints::CheckpointBatcher,
     /// Slots of LOGD_SESSIONS_ACTIVE_MAX: told when writers start and stop.
-    pub active: Arc<crate::sessions::ActiveSessions>,
+    pub active: Arc<crate::pipeline::sessions::ActiveSessions>,
     /// LOGD_OUTBOX_EVENTS_MAX: with events on, rotations wait while the
     /// outbox holds this many events.
     pub outbox_events_max: usize,
@@ -97,40 +98,6 @@ pub struct WriterConfig {
     /// Cancelled by a writer after a non-transient I/O error: logd then
     /// shuts down and exits 1, as after a WAL error.
     pub fatal: tokio_util::sync::CancellationToken,
-}
-
-/// Live counters of the dispatcher, writers and compression pool.
-#[derive(Debug, Default)]
-pub struct DispatchStats {
-    /// Sessions with a running writer.
-    pub active_sessions: AtomicU64,
-    /// Segments below this LSN are materialized everywhere.
-    pub removable_below_lsn: AtomicU64,
-    /// LSN of the last record handed to a writer.
-    pub routed_through: AtomicU64,
-    /// Rotations by reason: size, age, idle, manual.
-    pub rotations: [AtomicU64; 4],
-    /// Writers stopped after their idle timeout.
-    pub evictions: AtomicU64,
-    /// Rotations put off because the event outbox was full (attempts).
-    pub rotations_deferred: AtomicU64,
-    /// Compression jobs queued or running.
-    pub compress_backlog: AtomicU64,
-    /// Files compressed.
-    pub compressed_files: AtomicU64,
-    /// Bytes into and out of compression.
-    pub compress_bytes_in: AtomicU64,
-    /// Bytes out of compression.
-    pub compress_bytes_out: AtomicU64,
-    /// Session file steps retried after a transient error (EMFILE, ENOMEM, …).
-    pub io_retries: AtomicU64,
-    /// Session file errors that stopped the process.
-    pub fatal_errors: AtomicU64,
-    /// Session files closed because another session needed the slot.
-    pub files_closed_for_slots: AtomicU64,
-    /// Foreign files (symbolic links, non-regular files, files without a
-    /// line of logd's) found at a session file's name and moved aside.
-    pub foreign_files_moved: AtomicU64,
 }
 
 fn reason_index(r: RotateReason) -> usize {
@@ -292,7 +259,7 @@ pub async fn run_dispatcher(
             },
             _ = tick.tick() => {
                 stats.active_sessions.store(writers.len() as u64, Ordering::Relaxed);
-                cfg.active.expire_reservations(crate::sessions::RESERVATION_TTL);
+                cfg.active.expire_reservations(crate::pipeline::sessions::RESERVATION_TTL);
                 let safe = tracker.safe_lsn();
                 stats.removable_below_lsn.store(safe, Ordering::Relaxed);
                 if let Some(h) = &removal && h.is_finished() {

@@ -14,14 +14,16 @@
 
 use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use wal::{CommitInfo, RecordType, Stage, Wal};
 
 use crate::pb::LogFrame;
-use crate::validate::SEQ_MAX;
+use store::SEQ_MAX;
+
+use crate::telemetry::stats::IngestStats;
 use store::MetaStore;
 
 /// What became of one valid frame.
@@ -62,21 +64,6 @@ pub struct Durable {
     pub budget_units: u32,
 }
 
-/// Counters shared with the admin service.
-#[derive(Debug, Default)]
-pub struct IngestStats {
-    /// Frames made durable.
-    pub accepted: AtomicU64,
-    /// Frames dropped as duplicates.
-    pub duplicate: AtomicU64,
-    /// Frames rejected by validation.
-    pub rejected: AtomicU64,
-    /// Sessions whose last seq the sequencer holds in memory.
-    pub seq_cache_sessions: AtomicU64,
-    /// Sessions dropped from that cache (reloaded from the store on return).
-    pub seq_cache_evictions: AtomicU64,
-}
-
 /// Per-request state between staging and settling.
 pub struct Staged {
     outcomes: Vec<Outcome>,
@@ -114,7 +101,7 @@ pub struct Sequencer {
     to_dispatcher: mpsc::UnboundedSender<Durable>,
     budget: Arc<Semaphore>,
     stats: Arc<IngestStats>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    metrics: Option<Arc<crate::telemetry::prometheus::Metrics>>,
     fatal: Option<tokio_util::sync::CancellationToken>,
 }
 
@@ -127,7 +114,7 @@ impl Sequencer {
     }
 
     /// Records fsync latency and batch sizes in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::prometheus::Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
     }

@@ -5,12 +5,7 @@ use prost::Message;
 
 use crate::pb::LogFrame;
 
-/// The largest seq a session may hold, client-sent or server-assigned: the
-/// whole `int64` range of the contract. A session at `SEQ_MAX` has no seq
-/// left: a `seq == 0` frame after it is refused per frame, never wrapped.
-/// (Readers that parse JSON numbers as doubles must read seqs beyond 2^53
-/// as big integers: the session files write them exactly.)
-pub const SEQ_MAX: i64 = i64::MAX;
+pub use store::SEQ_MAX;
 
 /// First second of year 0000 (unix seconds): RFC 3339 writes four-digit
 /// years only, so a `time` before it (or after [`TIME_SECONDS_MAX`]) is
@@ -19,7 +14,7 @@ pub const TIME_SECONDS_MIN: i64 = -62_167_219_200;
 /// Last second of year 9999 (unix seconds), `9999-12-31T23:59:59Z`.
 pub const TIME_SECONDS_MAX: i64 = 253_402_300_799;
 
-pub use store::{SESSION_ID_BYTES_MAX, session_id_is_valid};
+pub use store::session_id_is_valid;
 
 /// Checks one frame against every rule; `Err` holds the rule's short name
 /// (a metric label) and the reason the client sees.

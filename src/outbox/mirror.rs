@@ -10,7 +10,7 @@
 //! recovery pass, so events of files recovery finished go out too.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -20,7 +20,8 @@ use tracing::{info, warn};
 
 use store::{Event, EventKind};
 
-use crate::encoding::Encoding;
+use crate::outbox::encoding::Encoding;
+use crate::telemetry::stats::MirrorStats;
 use store::{MetaStore, event_delete_op};
 
 /// Events fetched from the outbox per pass.
@@ -41,17 +42,6 @@ pub struct MirrorConfig {
     pub encoding: Encoding,
     /// Optional pub/sub channel for a wake-up ping.
     pub pubsub_channel: Option<String>,
-}
-
-/// Counters of the mirror.
-#[derive(Debug, Default)]
-pub struct MirrorStats {
-    /// Events accepted by Redis.
-    pub published: AtomicU64,
-    /// Failed XADD attempts (each retried).
-    pub failed: AtomicU64,
-    /// Events in the outbox at the last look.
-    pub pending: AtomicU64,
 }
 
 fn kind_name(k: EventKind) -> &'static str {

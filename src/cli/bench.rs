@@ -62,7 +62,7 @@ pub struct BenchReport {
 }
 
 async fn connect(target: &str) -> anyhow::Result<Channel> {
-    crate::target::endpoint(target)?
+    crate::cli::target::endpoint(target)?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))

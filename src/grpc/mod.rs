@@ -1,0 +1,9 @@
+//! The edge: the gRPC services (`LogService`, `AdminService`), their codec,
+//! per-frame validation, bearer-token auth and connection limits. Frames
+//! that pass go to the pipeline's sequencer.
+
+pub(crate) mod auth;
+pub(crate) mod codec;
+pub(crate) mod conn;
+pub(crate) mod service;
+pub(crate) mod validate;

@@ -1,0 +1,16 @@
+//! The data path behind the edge: the sequencer (seqs, WAL group commit),
+//! the dispatcher and one writer per session (session files, checkpoints,
+//! rotation, the compression pool), the bounds on open files and active
+//! sessions, and checkpoint batching.
+//!
+//! Public here: what the power-loss simulation (`tests/powerloss.rs`) drives.
+
+pub(crate) mod checkpoints;
+pub(crate) mod openfiles;
+pub(crate) mod sequencer;
+pub(crate) mod sessions;
+pub(crate) mod writer;
+
+pub use crate::telemetry::stats::IngestStats;
+pub use sequencer::{Durable, IngestRequest, Outcome, Sequencer};
+pub use writer::{CheckpointTracker, PENDING_WRITE_BYTES};

@@ -1,0 +1,6 @@
+//! Counters and their export: the stats every stage keeps ([`stats`], a
+//! leaf), the process's descriptor count and the Prometheus endpoint.
+
+pub(crate) mod fds;
+pub(crate) mod prometheus;
+pub(crate) mod stats;
