@@ -124,11 +124,14 @@ fn referenced(code: &str, prefix: &str) -> BTreeSet<String> {
     out
 }
 
-/// Edges between `src/`'s top-level modules: (from, to) → files.
-fn module_edges(src: &Path) -> (BTreeSet<String>, BTreeMap<(String, String), BTreeSet<String>>) {
+/// (from, to) → the files of `from` that reference `to`.
+type Edges = BTreeMap<(String, String), BTreeSet<String>>;
+
+/// `src/`'s top-level modules and the edges between them.
+fn module_edges(src: &Path) -> (BTreeSet<String>, Edges) {
     let files = rs_files(src);
     let modules: BTreeSet<String> = files.iter().filter_map(|f| module_of(src, f)).collect();
-    let mut edges: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut edges = Edges::new();
     for file in &files {
         let Some(from) = module_of(src, file) else { continue };
         let code = code_of(&std::fs::read_to_string(file).unwrap());
