@@ -567,7 +567,7 @@ impl LogService for LogSvc {
         let mut ingest = StreamIngest::new(shared);
         let mut tally = Tally::default();
         for frame in batch.frames {
-            // A frame that did not decode (src/codec.rs) ends the batch:
+            // A frame that did not decode (src/grpc/codec.rs) ends the batch:
             // what came before it is made durable and counted.
             let pushed = match crate::grpc::codec::decode_failure(&frame) {
                 Some(why) => Err(Status::invalid_argument(why.to_owned())),
