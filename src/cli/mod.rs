@@ -23,12 +23,7 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         c.downcast_ref::<recovery::PassError>()
             .is_some_and(|r| r.is_integrity())
             || c.downcast_ref::<recovery::Error>().is_some_and(|r| r.is_integrity())
-            || c.downcast_ref::<::wal::Error>().is_some_and(|w| {
-                matches!(
-                    w,
-                    ::wal::Error::Corruption { .. } | ::wal::Error::Gap { .. } | ::wal::Error::BadHeader { .. }
-                )
-            })
+            || c.downcast_ref::<::wal::Error>().is_some_and(::wal::Error::is_integrity)
     });
     if integrity { 2 } else { 1 }
 }
