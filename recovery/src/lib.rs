@@ -25,7 +25,7 @@ mod replay;
 
 pub use open_meta::{OpenMetaError, open_meta, open_meta_read_only, panic_expected};
 pub use pass::{Pass, PassError, PassOptions, run_pass};
-pub use replay::{LifecycleRepair, Replayer, SessionReplay};
+pub use replay::{LifecycleRepair, ReplayError, Replayer, SessionReplay};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,7 +47,7 @@ pub enum Error {
         lsn: u64,
         /// What failed.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: ReplayError,
     },
 }
 
@@ -73,11 +73,11 @@ pub enum Applied {
 /// The service side of recovery: how records become file contents.
 pub trait Materializer {
     /// Brings files to their checkpoints and finishes interrupted steps.
-    fn prepare(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    fn prepare(&mut self) -> Result<(), ReplayError>;
     /// Applies one record, idempotently by (session, seq).
-    fn apply(&mut self, lsn: u64, payload: &[u8]) -> Result<Applied, Box<dyn std::error::Error + Send + Sync>>;
+    fn apply(&mut self, lsn: u64, payload: &[u8]) -> Result<Applied, ReplayError>;
     /// Makes everything applied durable and persists checkpoints.
-    fn finish(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    fn finish(&mut self) -> Result<(), ReplayError>;
 }
 
 /// Progress of a running pass, for a progress bar.
@@ -319,9 +319,7 @@ fn aside_path(wal_dir: &Path) -> PathBuf {
     wal_dir.with_file_name(name)
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn count(applied: Result<Applied, BoxError>, report: &mut Report, bytes: usize) -> Result<(), BoxError> {
+fn count(applied: Result<Applied, ReplayError>, report: &mut Report, bytes: usize) -> Result<(), ReplayError> {
     match applied? {
         Applied::Written => report.records_replayed += 1,
         Applied::Skipped => report.records_skipped += 1,

@@ -74,7 +74,7 @@ pub enum PassError {
     Pass(#[from] crate::Error),
     /// A pending compression could not be finished.
     #[error("finishing pending compressions: {0}")]
-    Compression(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Compression(#[source] crate::ReplayError),
 }
 
 impl PassError {

@@ -81,7 +81,31 @@ pub struct SessionReplay {
     pub bytes_trimmed: u64,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Why the session-file side of the pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// A session file or the log directory could not be read or written.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A step of a session file (write, fdatasync, directory fsync) failed.
+    #[error(transparent)]
+    File(#[from] store::FileError),
+    /// The metadata store failed.
+    #[error(transparent)]
+    Meta(#[from] store::MetaError),
+    /// Finishing an interrupted rotation or compression failed.
+    #[error(transparent)]
+    Step(#[from] store::StepError),
+    /// A WAL record whose CRC held does not decode as a `LogFrame`.
+    #[error("record at LSN {lsn} is not a LogFrame: {source}")]
+    Decode {
+        /// The record's LSN.
+        lsn: u64,
+        /// What prost said.
+        #[source]
+        source: prost::DecodeError,
+    },
+}
 
 /// Rendered bytes a replayed session file buffers before writing; with at
 /// most `files_open_max` files open, replay memory stays near 32 MiB
@@ -121,7 +145,7 @@ impl Replayer {
     /// Finishes recorded rotations and compressions whose `.gz` exists; when
     /// the store lost everything, re-announces rotated files and queues their
     /// compression. Returns the highest seq per session in rotated files.
-    fn repair_lifecycle(&mut self) -> Result<HashMap<String, i64>, BoxError> {
+    fn repair_lifecycle(&mut self) -> Result<HashMap<String, i64>, ReplayError> {
         use store::{complete_rotation, parse_rotated_name};
         let (fs, dir, meta, life) = (self.fs.as_ref(), self.log_dir.as_path(), self.meta.as_ref(), self.life);
         let events = u64::from(life.events);
@@ -183,7 +207,7 @@ impl Replayer {
 
     /// After a rebuild: events for every rotated file (same deterministic
     /// ids, so consumers dedupe) and compression for every `.log`.
-    fn reannounce(&mut self, names: &[(String, store::RotatedName)]) -> Result<(), BoxError> {
+    fn reannounce(&mut self, names: &[(String, store::RotatedName)]) -> Result<(), ReplayError> {
         use store::{CompressJob, compress_op, event_op};
         use store::{Rotation, compressed_event, file_stats, rotated_event};
         let (fs, dir, meta, life) = (self.fs.as_ref(), self.log_dir.as_path(), self.meta.as_ref(), self.life);
@@ -239,7 +263,7 @@ impl Replayer {
     /// compression pool does right after its recovery pass: `logd recover`
     /// calls this so that it finishes exactly what `logd serve` would. In a
     /// dry run, only counts them as would-be finished.
-    pub fn finish_compressions(&mut self) -> Result<(), BoxError> {
+    pub fn finish_compressions(&mut self) -> Result<(), ReplayError> {
         use store::{CompressionRun, run_compression};
         if !self.dry_run {
             // Also jobs queued after `prepare` listed them (a rebuild).
@@ -297,7 +321,7 @@ impl Replayer {
         }
     }
 
-    fn close_all(&mut self) -> Result<(), BoxError> {
+    fn close_all(&mut self) -> Result<(), ReplayError> {
         let mut files: Vec<(String, SessionFile)> = self.files.drain().collect();
         for (session, sf) in &mut files {
             let ckpt = sf.sync()?;
@@ -310,7 +334,7 @@ impl Replayer {
     }
 
     /// Session ids that have a `.logtmp` in the log directory.
-    fn sessions_on_disk(&self) -> Result<Vec<String>, BoxError> {
+    fn sessions_on_disk(&self) -> Result<Vec<String>, ReplayError> {
         if !self.fs.exists(&self.log_dir) {
             return Ok(Vec::new());
         }
@@ -329,7 +353,7 @@ impl Replayer {
         Ok(out)
     }
 
-    fn apply_dry(&mut self, frame: &LogFrame) -> Result<bool, BoxError> {
+    fn apply_dry(&mut self, frame: &LogFrame) -> Result<bool, ReplayError> {
         let last = match self.probed.get_mut(&frame.session_id) {
             Some(l) => l,
             None => {
@@ -349,7 +373,7 @@ impl Replayer {
         Ok(true)
     }
 
-    fn apply_live(&mut self, lsn: u64, frame: &LogFrame) -> Result<bool, BoxError> {
+    fn apply_live(&mut self, lsn: u64, frame: &LogFrame) -> Result<bool, ReplayError> {
         if !self.files.contains_key(&frame.session_id) {
             if self.files.len() >= self.files_open_max {
                 self.close_all()?;
@@ -373,7 +397,7 @@ impl Replayer {
 }
 
 impl crate::Materializer for Replayer {
-    fn prepare(&mut self) -> Result<(), BoxError> {
+    fn prepare(&mut self) -> Result<(), ReplayError> {
         let floors = self.repair_lifecycle()?;
         let on_disk = self.sessions_on_disk()?;
         // Sessions whose only files are rotated ones still need their seq.
@@ -445,8 +469,8 @@ impl crate::Materializer for Replayer {
         Ok(())
     }
 
-    fn apply(&mut self, lsn: u64, payload: &[u8]) -> Result<crate::Applied, BoxError> {
-        let frame = LogFrame::decode(payload).map_err(|e| format!("record at LSN {lsn} is not a LogFrame: {e}"))?;
+    fn apply(&mut self, lsn: u64, payload: &[u8]) -> Result<crate::Applied, ReplayError> {
+        let frame = LogFrame::decode(payload).map_err(|source| ReplayError::Decode { lsn, source })?;
         let written = if self.dry_run {
             self.apply_dry(&frame)?
         } else {
@@ -462,7 +486,7 @@ impl crate::Materializer for Replayer {
         }
     }
 
-    fn finish(&mut self) -> Result<(), BoxError> {
+    fn finish(&mut self) -> Result<(), ReplayError> {
         if self.dry_run {
             return Ok(());
         }

@@ -804,9 +804,7 @@ impl Writer {
             let session = self.session.clone();
             let attempt: Result<Option<Rotation>, (bool, String)> = blocking(move || {
                 rotate_or_finish(&cfg, &session, ckpt, reason).map_err(|e| {
-                    let transient = e
-                        .downcast_ref::<std::io::Error>()
-                        .is_some_and(|io| on_error(FileOp::Open, io) == OnError::Retry);
+                    let transient = e.io().is_some_and(|io| on_error(FileOp::Open, io) == OnError::Retry);
                     (transient, e.to_string())
                 })
             })
@@ -870,7 +868,7 @@ fn rotate_or_finish(
     session: &str,
     ckpt: store::Checkpoint,
     reason: RotateReason,
-) -> Result<Option<Rotation>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Option<Rotation>, store::StepError> {
     let (fs, dir, meta) = (cfg.fs.as_ref(), cfg.log_dir.as_path(), cfg.meta.as_ref());
     if let Some(rot) = meta.rotations()?.into_iter().find(|r| r.session == session) {
         store::complete_rotation(fs, dir, meta, cfg.life, &rot)?;

@@ -31,8 +31,8 @@ pub use names::{
 };
 pub use records::{Checkpoint, CompressJob, FileStats, Rotation, SEQ_MAX};
 pub use rotate::{
-    Compressed, CompressionRun, Lifecycle, checksum, complete_rotation, compress_step, compressed_event, file_stats,
-    remove_source, rename_step, rotate_synced, rotated_event, run_compression,
+    Compressed, CompressionRun, Lifecycle, StepError, checksum, complete_rotation, compress_step, compressed_event,
+    file_stats, remove_source, rename_step, rotate_synced, rotated_event, run_compression,
 };
 #[cfg(any(test, feature = "sim"))]
 pub use sim::SimMeta;

@@ -243,7 +243,28 @@ pub struct Lifecycle {
     pub events: bool,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Why a rotation or compression step failed: the file step's I/O, or the
+/// metadata store. Every step is idempotent, so the caller may run it again
+/// after a transient I/O error ([`StepError::io`] tells which).
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// A file or directory operation failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The metadata store failed.
+    #[error(transparent)]
+    Meta(#[from] crate::meta::MetaError),
+}
+
+impl StepError {
+    /// The I/O error, when a file step failed (for the retry decision).
+    pub fn io(&self) -> Option<&io::Error> {
+        match self {
+            StepError::Io(e) => Some(e),
+            StepError::Meta(_) => None,
+        }
+    }
+}
 
 /// The `rotated` event of a rotation.
 pub fn rotated_event(rot: &Rotation) -> Event {
@@ -294,7 +315,7 @@ pub fn rotate_synced(
     session: &str,
     ckpt: Checkpoint,
     reason: RotateReason,
-) -> Result<Option<Rotation>, BoxError> {
+) -> Result<Option<Rotation>, StepError> {
     if ckpt.offset == 0 {
         return Ok(None);
     }
@@ -329,7 +350,7 @@ pub fn complete_rotation(
     meta: &dyn MetaStore,
     life: Lifecycle,
     rot: &Rotation,
-) -> Result<(), BoxError> {
+) -> Result<(), StepError> {
     if meta.rotation(&rot.session)?.as_ref() != Some(rot) {
         // Finished before (its record is cleared in the batch that records
         // the event): never rename, queue or announce it twice.
@@ -383,7 +404,7 @@ pub fn run_compression(
     meta: &dyn MetaStore,
     life: Lifecycle,
     name: &str,
-) -> Result<CompressionRun, BoxError> {
+) -> Result<CompressionRun, StepError> {
     let Some(job) = meta.compress_job(name)? else {
         return Ok(CompressionRun::NoJob);
     };
@@ -427,6 +448,31 @@ mod tests {
         rotate_synced(&fs, dir, meta, life, "s", ckpt, RotateReason::Manual)
             .unwrap()
             .unwrap()
+    }
+
+    #[test]
+    fn a_failed_file_step_hands_its_io_error_to_the_retry_decision() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = SimMeta::new();
+        let ckpt = Checkpoint {
+            offset: 40,
+            last_seq: 2,
+            last_lsn: 2,
+            opened_at_ms: 1,
+        };
+        // No `.logtmp` to read: the file step fails, the store is untouched.
+        let e = rotate_synced(
+            &wal::fs::RealFs,
+            dir.path(),
+            &meta,
+            Lifecycle::default(),
+            "s",
+            ckpt,
+            RotateReason::Size,
+        )
+        .unwrap_err();
+        assert_eq!(e.io().map(io::Error::kind), Some(io::ErrorKind::NotFound), "{e}");
+        assert!(meta.rotations().unwrap().is_empty());
     }
 
     fn events(meta: &SimMeta) -> Vec<String> {
