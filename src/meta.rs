@@ -243,22 +243,24 @@ impl CheckpointBatcher {
     pub fn start(meta: std::sync::Arc<dyn MetaStore>) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<CheckpointPut>(CHECKPOINT_QUEUE_MAX);
         tokio::spawn(async move {
-            let mut batch = Vec::new();
             while let Some(first) = rx.recv().await {
-                batch.push(first);
-                while batch.len() < CHECKPOINT_BATCH_MAX {
+                let mut batch = CheckpointBatch::default();
+                batch.push(first.0, first.1, first.2);
+                while !batch.is_full() {
                     match rx.try_recv() {
-                        Ok(put) => batch.push(put),
+                        Ok((s, c, reply)) => batch.push(s, c, reply),
                         Err(_) => break,
                     }
                 }
-                let ops: Vec<Op> = batch.iter().map(|(s, c, _)| checkpoint_op(s, c)).collect();
                 let meta = meta.clone();
-                let result = match tokio::task::spawn_blocking(move || meta.apply(ops)).await {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(e) => Err(format!("checkpoint batch task failed: {e}")),
+                let (result, replies) = match tokio::task::spawn_blocking(move || batch.apply(meta.as_ref())).await {
+                    Ok(done) => done,
+                    Err(e) => {
+                        tracing::error!("checkpoint batch task failed: {e}");
+                        continue; // the replies are dropped: every put fails
+                    }
                 };
-                for (_, _, reply) in batch.drain(..) {
+                for reply in replies {
                     let _ = reply.send(result.clone());
                 }
             }
@@ -276,6 +278,51 @@ impl CheckpointBatcher {
             .await
             .map_err(|_| stopped())?;
         applied.await.map_err(|_| stopped())?
+    }
+}
+
+/// The batching core of [`CheckpointBatcher`], without tokio: checkpoints
+/// put meanwhile (each with what to tell its writer, `R`), applied as one
+/// store batch of at most `CHECKPOINT_BATCH_MAX`. The power-loss simulation
+/// drives it directly.
+pub struct CheckpointBatch<R> {
+    puts: Vec<(String, Checkpoint, R)>,
+}
+
+impl<R> Default for CheckpointBatch<R> {
+    fn default() -> Self {
+        CheckpointBatch { puts: Vec::new() }
+    }
+}
+
+impl<R> CheckpointBatch<R> {
+    /// Adds a put (call only while not [`CheckpointBatch::is_full`]).
+    pub fn push(&mut self, session: String, ckpt: Checkpoint, reply: R) {
+        debug_assert!(!self.is_full(), "a batch holds at most CHECKPOINT_BATCH_MAX puts");
+        self.puts.push((session, ckpt, reply));
+    }
+
+    /// Whether the batch takes no more puts.
+    pub fn is_full(&self) -> bool {
+        self.puts.len() >= CHECKPOINT_BATCH_MAX
+    }
+
+    /// Puts waiting.
+    pub fn len(&self) -> usize {
+        self.puts.len()
+    }
+
+    /// Whether no put waits.
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty()
+    }
+
+    /// Applies every put as one store batch (not flushed); returns the
+    /// result for all of them and their replies, in the order put.
+    pub fn apply(self, meta: &dyn MetaStore) -> (Result<(), String>, Vec<R>) {
+        let ops: Vec<Op> = self.puts.iter().map(|(s, c, _)| checkpoint_op(s, c)).collect();
+        let result = meta.apply(ops).map_err(|e| e.to_string());
+        (result, self.puts.into_iter().map(|(_, _, r)| r).collect())
     }
 }
 
