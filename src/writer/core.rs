@@ -140,6 +140,8 @@ enum Job {
         in_batch: bool,
         stage: RotateStage,
     },
+    /// Rotate the file if it is older than the age limit at `now_ms`.
+    AgeCheck { now_ms: u64 },
     /// Sync and close the file for another session's slot.
     CloseForSlot { synced: bool },
     /// Idle: rotate, then (unless it waits or the writer failed) stop
@@ -337,9 +339,8 @@ impl SessionWriter {
         if self.dirty {
             self.jobs.push_back(Job::sync());
         }
-        if !self.failed && self.too_old(now_ms) {
-            self.jobs.push_back(Job::rotate(RotateReason::Age));
-        }
+        // Checked once the sync ran: a new file's age starts with its first write.
+        self.jobs.push_back(Job::AgeCheck { now_ms });
         if now.saturating_duration_since(self.last_frame_at) >= self.cfg.limits.idle_timeout && queue_empty {
             self.jobs.push_back(Job::IdleStop { rotated: false });
         }
@@ -415,6 +416,10 @@ impl SessionWriter {
                     in_batch,
                     stage,
                 } => self.rotate_step(reason, token, in_batch, stage),
+                Job::AgeCheck { now_ms } if !self.failed && self.too_old(now_ms) => {
+                    Next::Again(Job::rotate(RotateReason::Age))
+                }
+                Job::AgeCheck { .. } => Next::Done,
                 Job::CloseForSlot { synced } => self.close_for_slot_step(synced),
                 Job::IdleStop { rotated } => self.idle_stop(rotated),
                 Job::Stop { idle, stage } => self.stop_step(idle, stage),

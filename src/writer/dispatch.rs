@@ -23,6 +23,7 @@
 //!   that was not routed to its session.
 
 use foldhash::{HashMap, HashMapExt};
+use std::hash::BuildHasher;
 use tracing::{debug, error};
 use wal::Segments;
 
@@ -94,8 +95,8 @@ pub fn route(
 /// `start(predecessor)` if none takes frames. A writer that stopped taking
 /// frames (`accepting` false) but may still be draining its queue is
 /// replaced, and handed to its successor, which waits for it.
-pub fn writer_for<'a, H>(
-    writers: &'a mut HashMap<String, H>,
+pub fn writer_for<'a, H, B: BuildHasher>(
+    writers: &'a mut std::collections::HashMap<String, H, B>,
     session: &str,
     accepting: impl Fn(&H) -> bool,
     start: impl FnOnce(Option<H>) -> H,
@@ -106,16 +107,17 @@ pub fn writer_for<'a, H>(
 }
 
 /// A writer of `session` reported that it stopped (idle). If the
-/// registered writer is that one (it takes no frames: `accepting` false),
-/// it is removed, the tracker forgets the session, and it is returned; a
-/// successor registered meanwhile stays.
-pub fn on_stopped<H>(
-    writers: &mut HashMap<String, H>,
+/// registered writer is that one (`is_it`), it is removed, the tracker
+/// forgets the session, and it is returned; a successor registered
+/// meanwhile stays, even one that is itself stopping by now (it still
+/// writes: a writer started for the session's next frame must wait for it).
+pub fn on_stopped<H, B: BuildHasher>(
+    writers: &mut std::collections::HashMap<String, H, B>,
     tracker: &mut CheckpointTracker,
     session: &str,
-    accepting: impl Fn(&H) -> bool,
+    is_it: impl Fn(&H) -> bool,
 ) -> Option<H> {
-    if writers.get(session).is_some_and(|w| !accepting(w)) {
+    if writers.get(session).is_some_and(is_it) {
         tracker.forget(session);
         return writers.remove(session);
     }
@@ -125,8 +127,8 @@ pub fn on_stopped<H>(
 /// The sessions a rotation request reaches: one (if it has a writer or a
 /// live file: a session with neither has nothing to rotate, and starting a
 /// writer for it would only make an empty file) or every active one.
-pub fn rotate_targets<H>(
-    writers: &HashMap<String, H>,
+pub fn rotate_targets<H, B: BuildHasher>(
+    writers: &std::collections::HashMap<String, H, B>,
     session: Option<String>,
     live_file: impl Fn(&str) -> bool,
 ) -> Vec<String> {

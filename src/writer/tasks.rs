@@ -32,6 +32,8 @@ use crate::materialize::logtmp_path;
 use crate::meta::{CompressJob, MetaStore};
 
 struct WriterHandle {
+    /// Which writer of the session (they get new ids as they succeed each other).
+    id: u64,
     tx: mpsc::UnboundedSender<WriterMsg>,
     /// Resolves to whether the writer had failed (an I/O error that stopped
     /// the process).
@@ -42,8 +44,8 @@ struct WriterHandle {
 enum Report {
     /// The session's checkpoint now covers records up to `lsn`.
     Checkpointed { session: String, lsn: u64 },
-    /// The writer stopped (idle); it took no frame after its last checkpoint.
-    Stopped { session: String },
+    /// The writer `id` stopped (idle); it took no frame after its last checkpoint.
+    Stopped { session: String, id: u64 },
 }
 
 /// Runs the dispatcher until `rx` closes, then shuts every writer down.
@@ -73,8 +75,9 @@ pub async fn run_dispatcher(
             Some(ctl) = control.recv() => rotate_on_request(&cfg, &mut writers, &report_tx, ctl).await,
             Some(report) = report_rx.recv() => match report {
                 Report::Checkpointed { session, lsn } => tracker.checkpointed(&session, lsn),
-                Report::Stopped { session } => {
-                    if dispatch::on_stopped(&mut writers, &mut tracker, &session, accepting).is_some() {
+                Report::Stopped { session, id } => {
+                    let is_it = |w: &WriterHandle| w.id == id && !accepting(w);
+                    if dispatch::on_stopped(&mut writers, &mut tracker, &session, is_it).is_some() {
                         cfg.active.writer_stopped(&session);
                     }
                 }
@@ -187,17 +190,19 @@ fn writer_for<'a>(
     report_tx: &mpsc::UnboundedSender<Report>,
     session: &str,
 ) -> &'a mut WriterHandle {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     dispatch::writer_for(writers, session, accepting, |predecessor| {
         cfg.active.writer_started(session);
         let (tx, rx) = mpsc::unbounded_channel();
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let join = tokio::spawn(run_writer(
             cfg.clone(),
-            session.to_owned(),
+            (session.to_owned(), id),
             rx,
             report_tx.clone(),
             predecessor.map(|p| p.join),
         ));
-        WriterHandle { tx, join }
+        WriterHandle { id, tx, join }
     })
 }
 
@@ -230,6 +235,7 @@ struct Shell {
     report_tx: mpsc::UnboundedSender<Report>,
     replies: HashMap<u64, oneshot::Sender<Result<Option<String>, String>>>,
     next_token: u64,
+    id: u64,
 }
 
 impl Shell {
@@ -324,6 +330,7 @@ impl Shell {
                 Output::Stopped { idle: true } => {
                     let _ = self.report_tx.send(Report::Stopped {
                         session: self.session.clone(),
+                        id: self.id,
                     });
                 }
                 Output::Stopped { idle: false } => {}
@@ -338,7 +345,7 @@ impl Shell {
 /// Returns whether it failed.
 async fn run_writer(
     cfg: WriterConfig,
-    session: String,
+    (session, id): (String, u64),
     mut rx: mpsc::UnboundedReceiver<WriterMsg>,
     report_tx: mpsc::UnboundedSender<Report>,
     predecessor: Option<JoinHandle<bool>>,
@@ -363,6 +370,7 @@ async fn run_writer(
         report_tx,
         replies: HashMap::new(),
         next_token: 0,
+        id,
     };
     let mut tick = tokio::time::interval(flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
