@@ -842,6 +842,7 @@ impl World {
     }
 }
 
+#[allow(clippy::unnecessary_unwrap)] // `if let` here trips the borrow checker (the early return)
 /// The writer of the chain that runs now: the oldest not yet stopped (a
 /// stopped predecessor hands over: its successor starts, failed if it failed).
 fn runnable<'a>(
