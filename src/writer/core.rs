@@ -725,7 +725,13 @@ impl SessionWriter {
                 if idle {
                     self.cfg.stats.evictions.fetch_add(1, Ordering::Relaxed);
                 }
-                self.out.push(Output::Stopped { idle });
+                // A failed writer is not reported as stopped: it stays the
+                // session's registered writer, so a writer started for the
+                // session's next frame waits for it and starts failed too
+                // (it must not write past the frames this one lost).
+                self.out.push(Output::Stopped {
+                    idle: idle && !self.failed,
+                });
                 Next::Done
             }
         }
