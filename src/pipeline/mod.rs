@@ -3,14 +3,18 @@
 //! rotation, the compression pool), the bounds on open files and active
 //! sessions, and checkpoint batching.
 //!
-//! Public here: what the power-loss simulation (`tests/powerloss.rs`) drives.
+//! Public here: what the power-loss simulation (`tests/powerloss/`) drives.
 
 pub(crate) mod checkpoints;
 pub(crate) mod openfiles;
 pub(crate) mod sequencer;
 pub(crate) mod sessions;
-pub(crate) mod writer;
+pub mod writer;
 
+pub use crate::telemetry::stats::DispatchStats;
 pub use crate::telemetry::stats::IngestStats;
+pub use checkpoints::{CheckpointBatch, CheckpointError};
+pub use openfiles::OpenFiles;
+pub use sequencer::IngestReply;
 pub use sequencer::{Durable, IngestRequest, Outcome, Sequencer};
 pub use writer::{CheckpointTracker, PENDING_WRITE_BYTES};

@@ -45,6 +45,18 @@ pub struct FileSlot {
     session: String,
 }
 
+impl FileSlot {
+    /// Marks the slot's file as just used ([`OpenFiles::touch`]).
+    pub fn touch(&self) {
+        self.files.touch(&self.session);
+    }
+
+    /// Whether the holder was asked to close its file ([`OpenFiles::close_asked`]).
+    pub fn close_asked(&self) -> bool {
+        self.files.close_asked(&self.session)
+    }
+}
+
 impl Drop for FileSlot {
     fn drop(&mut self) {
         self.files.release(&self.session);
@@ -75,37 +87,46 @@ impl OpenFiles {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            {
-                let mut g = self.inner.lock().expect("not poisoned");
-                assert!(!g.holders.contains_key(session), "{session} already holds a slot");
-                if g.holders.len() < self.max {
-                    g.clock += 1;
-                    let used = g.clock;
-                    g.holders.insert(
-                        session.to_owned(),
-                        Holder {
-                            used,
-                            wake,
-                            asked: false,
-                        },
-                    );
-                    g.lru.insert(used, session.to_owned());
-                    debug_assert!(g.holders.len() <= self.max);
-                    return FileSlot {
-                        files: self.clone(),
-                        session: session.to_owned(),
-                    };
-                }
-                if let Some((_, victim)) = g.lru.pop_first() {
-                    let h = g.holders.get_mut(&victim).expect("lru entries are holders");
-                    h.asked = true;
-                    h.wake.notify_one();
-                }
+            if let Ok(slot) = self.try_acquire(session, &wake) {
+                return slot;
             }
             // Woken by a release; the timeout only guards against a holder
             // that cannot answer right now (it is asked again).
             let _ = tokio::time::timeout(Duration::from_millis(200), released).await;
         }
+    }
+
+    /// One attempt of [`OpenFiles::acquire`], without waiting: a slot, or
+    /// (none free) the least recently used holder not yet asked is asked to
+    /// close its file (woken through its `wake`) and named in the `Err`.
+    pub fn try_acquire(self: &Arc<Self>, session: &str, wake: &Arc<Notify>) -> Result<FileSlot, Option<String>> {
+        let mut g = self.inner.lock().expect("not poisoned");
+        assert!(!g.holders.contains_key(session), "{session} already holds a slot");
+        if g.holders.len() < self.max {
+            g.clock += 1;
+            let used = g.clock;
+            g.holders.insert(
+                session.to_owned(),
+                Holder {
+                    used,
+                    wake: wake.clone(),
+                    asked: false,
+                },
+            );
+            g.lru.insert(used, session.to_owned());
+            debug_assert!(g.holders.len() <= self.max);
+            return Ok(FileSlot {
+                files: self.clone(),
+                session: session.to_owned(),
+            });
+        }
+        let victim = g.lru.pop_first().map(|(_, victim)| victim);
+        if let Some(victim) = &victim {
+            let h = g.holders.get_mut(victim).expect("lru entries are holders");
+            h.asked = true;
+            h.wake.notify_one();
+        }
+        Err(victim)
     }
 
     /// Marks `session`'s file as just used.
