@@ -9,6 +9,9 @@
 //!   the WAL any number of times never duplicates a line.
 //! - A checkpoint is produced only after the bytes it covers were
 //!   fdatasynced (and the file's directory entry, for a new file).
+//! - Asserted: `synced_offset ≤ offset` (bytes are synced only once
+//!   written), and a line new to the session comes from a later WAL record
+//!   than any the session saw (LSNs grow with seqs).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -303,10 +306,12 @@ impl SessionFile {
     pub fn append(&mut self, lsn: u64, frame: &LogFrame) -> bool {
         // Replay starts at the WAL's oldest record, which may be older than
         // the checkpoint: such records are skipped by seq below.
-        self.last_lsn = self.last_lsn.max(lsn);
         if frame.seq <= self.last_seq {
+            self.last_lsn = self.last_lsn.max(lsn);
             return false;
         }
+        self.assert_lsn_grows(lsn);
+        self.last_lsn = lsn;
         render_line(frame, &mut self.pending);
         self.last_seq = frame.seq;
         true
@@ -328,9 +333,22 @@ impl SessionFile {
             self.pending.truncate(before);
             return Appended::Full;
         }
-        self.last_lsn = self.last_lsn.max(lsn);
+        self.assert_lsn_grows(lsn);
+        self.last_lsn = lsn;
         self.last_seq = frame.seq;
         Appended::Written
+    }
+
+    /// Invariant: seqs and LSNs are assigned in the same order (the commit
+    /// thread does both) and the WAL is read in LSN order, so a line new to
+    /// the session comes from a later record than any the session saw.
+    fn assert_lsn_grows(&self, lsn: u64) {
+        debug_assert!(
+            lsn > self.last_lsn,
+            "session file {}: a new line from LSN {lsn} after LSN {}",
+            self.path.display(),
+            self.last_lsn
+        );
     }
 
     /// Bytes written to the file (synced or not).
@@ -386,6 +404,7 @@ impl SessionFile {
             .map_err(|e| err(FileOp::Write, e))?;
         self.offset += self.pending.len() as u64;
         self.pending.clear();
+        debug_assert!(self.synced_offset <= self.offset, "synced past the written offset");
         Ok(())
     }
 
@@ -406,6 +425,7 @@ impl SessionFile {
                 })?;
             self.synced_offset = self.offset;
         }
+        debug_assert!(self.pending.is_empty() && self.synced_offset == self.offset);
         if self.needs_dir_sync {
             self.fs.sync_dir(&self.dir).map_err(|source| FileError {
                 op: FileOp::DirSync,
