@@ -24,7 +24,7 @@ use crate::pb::{
     LogBatch, LogFrame, Rejection, RotateRequest, RotateResponse, SessionInfo, SessionRange, SessionRequest,
     StatsRequest, StatsResponse, WriteLogAck, WriteLogResponse,
 };
-use crate::pipeline::sequencer::{IngestReply, IngestRequest, Outcome};
+use crate::pipeline::sequencer::{IngestError, IngestReply, IngestRequest, Outcome};
 use crate::pipeline::writer::Control;
 use crate::telemetry::prometheus::Metrics;
 use crate::telemetry::stats::{DispatchStats, IngestStats, MirrorStats};
@@ -50,8 +50,6 @@ pub struct Shared {
     pub budget: Arc<Semaphore>,
     /// Total units of the budget.
     pub budget_units_total: u32,
-    /// Largest accepted encoded frame.
-    pub frame_bytes_max: usize,
     /// Counters.
     pub stats: Arc<IngestStats>,
     /// Dispatcher counters.
@@ -72,16 +70,25 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Set while free disk space is below the watermark.
     pub disk_low: Arc<AtomicBool>,
+    /// Slots of LOGD_SESSIONS_ACTIVE_MAX.
+    pub active_sessions: Arc<crate::pipeline::sessions::ActiveSessions>,
+    /// Why rotations wait now (the event outbox is full), if they do.
+    pub rotations_wait: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    /// The limits the edge enforces, from the configuration.
+    pub limits: EdgeLimits,
+}
+
+/// The edge's limits and paths, from the configuration.
+#[derive(Clone)]
+pub struct EdgeLimits {
+    /// Largest accepted encoded frame.
+    pub frame_bytes_max: usize,
     /// How long a stream may wait for admission before RESOURCE_EXHAUSTED.
     pub stream_blocked_max: Duration,
     /// A stream that sends nothing this long is closed.
     pub stream_idle_timeout: Duration,
-    /// Slots of LOGD_SESSIONS_ACTIVE_MAX.
-    pub active_sessions: Arc<crate::pipeline::sessions::ActiveSessions>,
     /// LOG_IDLE_TIMEOUT_SECONDS: when an idle session frees its slot.
     pub idle_timeout: Duration,
-    /// Why rotations wait now (the event outbox is full), if they do.
-    pub rotations_wait: Arc<dyn Fn() -> Option<String> + Send + Sync>,
     /// Where session files live (a frame whose session file's name holds a
     /// symbolic link is rejected).
     pub log_dir: std::path::PathBuf,
@@ -189,7 +196,7 @@ impl Tally {
 /// LOGD_STREAM_BLOCKED_MAX_MS; RESOURCE_EXHAUSTED + RetryInfo after that,
 /// its message ending with `not_done`.
 async fn admit(shared: &Shared, units: u32, not_done: &str) -> Result<(), Status> {
-    let blocked_max = shared.stream_blocked_max;
+    let blocked_max = shared.limits.stream_blocked_max;
     let permit = tokio::select! {
         p = shared.budget.acquire_many(units) => p.map_err(|_| Status::unavailable("server is shutting down"))?,
         _ = shared.shutdown.cancelled() => return Err(Status::unavailable("server is shutting down")),
@@ -228,7 +235,7 @@ const SESSION_FILE_CHECKS_MAX: usize = 4096;
 
 /// The commit thread could not make a request durable (`why` names the WAL
 /// or the metadata store): nothing from `index` on is acknowledged.
-fn not_durable(why: &str, index: i64) -> Status {
+fn not_durable(why: &IngestError, index: i64) -> Status {
     Status::unavailable(format!(
         "frames from stream index {index} on are not acknowledged: {why}"
     ))
@@ -259,7 +266,7 @@ impl StreamIngest {
         if self.session_files_checked.len() >= SESSION_FILE_CHECKS_MAX {
             self.session_files_checked.clear();
         }
-        let r = store::session_file_refusal(&self.shared.log_dir, session);
+        let r = store::session_file_refusal(&self.shared.limits.log_dir, session);
         self.session_files_checked.insert(session.to_owned(), r.clone());
         r
     }
@@ -271,7 +278,7 @@ impl StreamIngest {
     fn push(&mut self, mut frame: LogFrame) -> Result<(), Status> {
         let index = self.next_index;
         self.shared.metrics.frames_received.inc();
-        if let Err((rule, reason)) = validate(&frame, self.shared.frame_bytes_max) {
+        if let Err((rule, reason)) = validate(&frame, self.shared.limits.frame_bytes_max) {
             self.next_index += 1;
             self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
             self.shared.metrics.frames_rejected.with_label_values(&[rule]).inc();
@@ -304,7 +311,7 @@ impl StreamIngest {
                         full.active,
                         full.max,
                         frame.session_id,
-                        self.shared.idle_timeout.as_secs()
+                        self.shared.limits.idle_timeout.as_secs()
                     ),
                     Duration::from_secs(1),
                 ));
@@ -499,7 +506,7 @@ impl LogService for LogSvc {
     ) -> Result<Response<WriteLogResponse>, Status> {
         let shared = self.ready.get()?;
         let mut stream = request.into_inner();
-        let idle = shared.stream_idle_timeout;
+        let idle = shared.limits.stream_idle_timeout;
         let shutdown = shared.shutdown.clone();
         let mut ingest = StreamIngest::new(shared);
         let mut tally = Tally::default();
@@ -638,7 +645,7 @@ async fn bidi_loop(
     tx: &mpsc::Sender<Result<WriteLogAck, Status>>,
 ) -> Result<(), Status> {
     let shutdown = shared.shutdown.clone();
-    let idle = shared.stream_idle_timeout;
+    let idle = shared.limits.stream_idle_timeout;
     let mut ingest = StreamIngest::new(shared);
     let mut total = Tally::default();
     let mut input_open = true;

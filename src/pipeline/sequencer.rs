@@ -42,7 +42,28 @@ pub enum Outcome {
 
 /// A reply to an [`IngestRequest`]: one outcome per frame, or why the batch
 /// holding it could not be made durable.
-pub type IngestReply = Result<Vec<Outcome>, String>;
+pub type IngestReply = Result<Vec<Outcome>, IngestError>;
+
+/// Why the commit thread did not make a request durable. Either way
+/// nothing more is acknowledged and logd stops (exit 1), so that a restart
+/// recovers from the disk.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    /// The metadata store failed while the session's last seq was loaded:
+    /// assigning seqs from 1 again would reuse acked ones.
+    #[error("metadata store unreadable while assigning seqs for session {session:?}: {source}")]
+    MetaRead {
+        /// The session whose checkpoint was read.
+        session: String,
+        /// The store's error (shared by every request it failed).
+        #[source]
+        source: Arc<store::MetaError>,
+    },
+    /// Appending to the WAL, or the batch's write or fdatasync, failed: the
+    /// WAL is poisoned.
+    #[error("WAL write failed: {0}")]
+    Wal(Arc<str>),
+}
 
 /// Validated frames from one stream, in stream order.
 pub struct IngestRequest {
@@ -149,18 +170,18 @@ impl Sequencer {
         self
     }
 
-    fn last_seq(&mut self, session: &str) -> Result<&mut i64, String> {
+    fn last_seq(&mut self, session: &str) -> Result<&mut i64, IngestError> {
         self.clock += 1;
         if !self.last_seq.contains_key(session) {
             // Only a store that has no value means "unknown session": a read
             // error must not restart seqs at 1.
-            let read = read_checkpoint(&self.meta, session);
-            let last = match read {
+            let last = match read_checkpoint(&self.meta, session) {
                 Ok(c) => c.map_or(0, |c| c.last_seq),
                 Err(e) => {
-                    return Err(format!(
-                        "metadata store unreadable while assigning seqs for session {session:?}: {e}"
-                    ));
+                    return Err(IngestError::MetaRead {
+                        session: session.to_owned(),
+                        source: Arc::new(e),
+                    });
                 }
             };
             self.last_seq.insert(session.to_owned(), SeqEntry { last, used: 0 });
@@ -212,7 +233,7 @@ impl Sequencer {
     /// Loads the last seq of every session `req` names, before anything of
     /// it is appended. On a store error the request fails and logd stops
     /// (exit 1; the restart's recovery rebuilds what the store lost).
-    fn load_sessions(&mut self, req: &IngestRequest) -> Result<(), String> {
+    fn load_sessions(&mut self, req: &IngestRequest) -> Result<(), IngestError> {
         let sessions = req.query.iter().chain(req.frames.iter().map(|f| &f.session_id));
         for session in sessions {
             if let Err(why) = self.last_seq(session) {
@@ -233,14 +254,16 @@ const _: () = assert!(SEQ_MAX == i64::MAX);
 
 /// A session's checkpoint from the store (failpoint `ingest::meta_read`
 /// injects a read error).
-fn read_checkpoint(meta: &Arc<dyn MetaStore>, session: &str) -> Result<Option<store::Checkpoint>, String> {
-    fail::fail_point!("ingest::meta_read", |_| Err("injected read error".to_owned()));
-    meta.checkpoint(session).map_err(|e| e.to_string())
+fn read_checkpoint(meta: &Arc<dyn MetaStore>, session: &str) -> Result<Option<store::Checkpoint>, store::MetaError> {
+    fail::fail_point!("ingest::meta_read", |_| Err(store::MetaError::Transaction(
+        "injected read error".to_owned()
+    )));
+    meta.checkpoint(session)
 }
 
 impl Stage for Sequencer {
     type Request = IngestRequest;
-    type Staged = Result<Staged, (oneshot::Sender<IngestReply>, u32, String)>;
+    type Staged = Result<Staged, (oneshot::Sender<IngestReply>, u32, IngestError)>;
 
     fn stage(&mut self, req: IngestRequest, wal: &mut Wal) -> Self::Staged {
         fail::fail_point!("ingest::stage");
@@ -281,7 +304,7 @@ impl Stage for Sequencer {
                     outcomes.push(Outcome::Accepted(seq));
                     durable.push((lsn, frame));
                 }
-                Err(e) => return Err((req.reply, req.budget_units, e.to_string())),
+                Err(e) => return Err((req.reply, req.budget_units, IngestError::Wal(e.to_string().into()))),
             }
         }
         Ok(Staged {
@@ -326,7 +349,7 @@ impl Stage for Sequencer {
                 }
                 (Ok(s), Err(e)) => {
                     self.budget.add_permits(s.budget_units as usize);
-                    let _ = s.reply.send(Err(format!("WAL write failed: {e}")));
+                    let _ = s.reply.send(Err(IngestError::Wal(e.to_string().into())));
                 }
                 (Err((reply, units, why)), _) => {
                     self.budget.add_permits(units as usize);

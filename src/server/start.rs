@@ -16,7 +16,7 @@ use super::disk::{DiskWatch, watch_disk};
 use super::recover::Recovered;
 use super::{COMMIT_BATCH_REQUESTS_MAX, Lifelines, State};
 use crate::config::ServeArgs;
-use crate::grpc::service::{BUDGET_UNIT_BYTES, Shared};
+use crate::grpc::service::{BUDGET_UNIT_BYTES, EdgeLimits, Shared};
 use crate::outbox::mirror::{MirrorConfig, run_mirror};
 use crate::pipeline::Sequencer;
 use crate::pipeline::writer::{COMPRESS_QUEUE_MAX, RotationLimits, WriterConfig, run_compression_pool, run_dispatcher};
@@ -44,18 +44,14 @@ pub(super) fn start_pipeline(
     metrics: &Arc<Metrics>,
     lifelines: &Lifelines,
 ) -> (Pipeline, Shared) {
-    let Recovered {
-        wal,
-        meta,
-        foreign_files_moved,
-    } = recovered;
+    let (wal, meta) = (recovered.wal, recovered.meta);
     let budget_units_total = (args.inflight_bytes_max / BUDGET_UNIT_BYTES).max(1) as u32;
     let budget = Arc::new(Semaphore::new(budget_units_total as usize));
     let stats = Arc::new(IngestStats::default());
     let dispatch_stats = Arc::new(DispatchStats::default());
     dispatch_stats
         .foreign_files_moved
-        .store(foreign_files_moved, Ordering::Relaxed);
+        .store(recovered.foreign_files_moved, Ordering::Relaxed);
     let (start_lsn, segments, wal_stats) = (wal.next_lsn(), wal.segments(), wal.stats());
     let (commit, dispatcher_rx) = start_commit(args, wal, &meta, &budget, &stats, metrics, lifelines);
     let events_added = Arc::new(Notify::new());
@@ -74,8 +70,7 @@ pub(super) fn start_pipeline(
         (segments.clone(), start_lsn),
         lifelines,
     );
-    let mirror_stats = Arc::new(MirrorStats::default());
-    let mirror = start_mirror(args, &meta, &events_added, &lifelines.shutdown, &mirror_stats);
+    let (mirror, mirror_stats) = start_mirror(args, &meta, &events_added, &lifelines.shutdown);
     metrics.set_sources(
         stats.clone(),
         dispatch_stats.clone(),
@@ -84,14 +79,12 @@ pub(super) fn start_pipeline(
         mirror_stats.clone(),
         meta.clone(),
     );
-    let disk_low = Arc::new(AtomicBool::new(false));
-    let watcher = start_disk_watch(args, &disk_low, metrics, &lifelines.shutdown);
+    let (watcher, disk_low) = start_disk_watch(args, metrics, &lifelines.shutdown);
     let inflight = start_inflight_gauge(&budget, budget_units_total, metrics, &lifelines.shutdown);
     let shared = Shared {
         submitter: commit.submitter(),
         budget,
         budget_units_total,
-        frame_bytes_max: args.store.max_frame_bytes,
         stats,
         dispatch: dispatch_stats,
         wal_stats,
@@ -102,12 +95,9 @@ pub(super) fn start_pipeline(
         mirror: mirror_stats,
         metrics: metrics.clone(),
         disk_low,
-        stream_blocked_max: Duration::from_millis(args.stream_blocked_max_ms),
-        stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_seconds),
         active_sessions,
-        idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
         rotations_wait: writers.rotations_wait,
-        log_dir: args.store.log_dir.clone(),
+        limits: edge_limits(args),
     };
     let pipeline = Pipeline {
         commit,
@@ -226,16 +216,29 @@ fn start_writers(
     }
 }
 
-/// The Redis mirror, when `REDIS_URL` is set. Only now, after the recovery
-/// pass, may events go out.
+/// The limits the gRPC edge enforces.
+fn edge_limits(args: &ServeArgs) -> EdgeLimits {
+    EdgeLimits {
+        frame_bytes_max: args.store.max_frame_bytes,
+        stream_blocked_max: Duration::from_millis(args.stream_blocked_max_ms),
+        stream_idle_timeout: Duration::from_secs(args.stream_idle_timeout_seconds),
+        idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
+        log_dir: args.store.log_dir.clone(),
+    }
+}
+
+/// The Redis mirror, when `REDIS_URL` is set, and its counters. Only now,
+/// after the recovery pass, may events go out.
 fn start_mirror(
     args: &ServeArgs,
     meta: &Arc<dyn MetaStore>,
     events_added: &Arc<Notify>,
     shutdown: &CancellationToken,
-    stats: &Arc<MirrorStats>,
-) -> Option<JoinHandle<()>> {
-    let url = args.lifecycle.redis_url.clone()?;
+) -> (Option<JoinHandle<()>>, Arc<MirrorStats>) {
+    let stats = Arc::new(MirrorStats::default());
+    let Some(url) = args.lifecycle.redis_url.clone() else {
+        return (None, stats);
+    };
     let cfg = MirrorConfig {
         url,
         stream: args.lifecycle.redis_stream.clone(),
@@ -243,22 +246,24 @@ fn start_mirror(
         encoding: args.lifecycle.redis_format,
         pubsub_channel: args.lifecycle.redis_pubsub_channel.clone(),
     };
-    Some(tokio::spawn(run_mirror(
+    let task = tokio::spawn(run_mirror(
         cfg,
         meta.clone(),
         events_added.clone(),
         shutdown.clone(),
         stats.clone(),
-    )))
+    ));
+    (Some(task), stats)
 }
 
-/// The free-space watermark on the WAL's and the log directory's filesystems.
+/// The free-space watermark on the WAL's and the log directory's
+/// filesystems; returns the watcher and the flag it sets while space is low.
 fn start_disk_watch(
     args: &ServeArgs,
-    disk_low: &Arc<AtomicBool>,
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
-) -> JoinHandle<()> {
+) -> (JoinHandle<()>, Arc<AtomicBool>) {
+    let disk_low = Arc::new(AtomicBool::new(false));
     let disk_watch = DiskWatch::new(
         vec![("wal", args.store.wal_dir()), ("logs", args.store.log_dir.clone())],
         args.disk_free_min_percent,
@@ -270,7 +275,7 @@ fn start_disk_watch(
     // start "enough space" on a full disk while the watcher task is not yet
     // scheduled (an e2e test raced it under load).
     disk_watch.check();
-    tokio::spawn(watch_disk(disk_watch, shutdown.clone()))
+    (tokio::spawn(watch_disk(disk_watch, shutdown.clone())), disk_low)
 }
 
 /// `logd_inflight_bytes`: the admission budget in use, every 500 ms.
