@@ -1,8 +1,7 @@
 //! The WAL's error type: every variant names the file and offset it concerns.
 
+use std::fmt;
 use std::path::PathBuf;
-
-use crate::segment::BadRecord;
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -104,6 +103,64 @@ impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { op, path, source }
+    }
+}
+
+/// Why a record failed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadRecord {
+    /// The file ends inside the header or payload.
+    Truncated {
+        /// Bytes the record needs.
+        needed: u64,
+        /// Bytes left in the file.
+        available: u64,
+    },
+    /// All header bytes are zero: unwritten space.
+    Zeroed,
+    /// The length field is over the configured limit.
+    TooLong {
+        /// The stored length.
+        len: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// The record type byte names no type.
+    UnknownType(u8),
+    /// The record is not the next LSN.
+    WrongLsn {
+        /// Expected LSN.
+        expected: u64,
+        /// Stored LSN.
+        found: u64,
+    },
+    /// The payload does not match its checksum.
+    CrcMismatch {
+        /// Stored CRC.
+        stored: u32,
+        /// Computed CRC.
+        computed: u32,
+    },
+}
+
+impl fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadRecord::Truncated { needed, available } => {
+                write!(f, "record needs {needed} bytes but only {available} remain")
+            }
+            BadRecord::Zeroed => write!(f, "zeroed header (unwritten space)"),
+            BadRecord::TooLong { len, limit } => {
+                write!(f, "length {len} exceeds record_bytes_max {limit}")
+            }
+            BadRecord::UnknownType(t) => write!(f, "unknown record type {t}"),
+            BadRecord::WrongLsn { expected, found } => {
+                write!(f, "LSN {found} where {expected} was expected")
+            }
+            BadRecord::CrcMismatch { stored, computed } => {
+                write!(f, "CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")
+            }
+        }
     }
 }
 
