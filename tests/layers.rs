@@ -67,17 +67,6 @@ fn rs_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The top-level module a file of `src/` belongs to (None: `lib.rs`, `main.rs`).
-fn module_of(src: &Path, file: &Path) -> Option<String> {
-    let rel = file.strip_prefix(src).unwrap();
-    let first = rel.components().next()?.as_os_str().to_str()?.to_owned();
-    if rel.components().count() > 1 {
-        return Some(first);
-    }
-    let stem = first.strip_suffix(".rs")?;
-    (stem != "lib" && stem != "main").then(|| stem.to_owned())
-}
-
 /// Code without comments (line comments and doc comments), so prose that
 /// names a module is not taken for a reference.
 fn code_of(text: &str) -> String {
@@ -127,34 +116,6 @@ fn referenced(code: &str, prefix: &str) -> BTreeSet<String> {
 /// (from, to) → the files of `from` that reference `to`.
 type Edges = BTreeMap<(String, String), BTreeSet<String>>;
 
-/// `src/`'s top-level modules and the edges between them.
-fn module_edges(src: &Path) -> (BTreeSet<String>, Edges) {
-    let files = rs_files(src);
-    let modules: BTreeSet<String> = files.iter().filter_map(|f| module_of(src, f)).collect();
-    let mut edges = Edges::new();
-    for file in &files {
-        let Some(from) = module_of(src, file) else { continue };
-        let code = code_of(&std::fs::read_to_string(file).unwrap());
-        let rel = file.strip_prefix(src).unwrap();
-        // `super::` of a folder's `mod.rs` (or of a top-level file) is the
-        // crate root; of any other file in a folder, the folder itself.
-        let super_is_root = rel.components().count() == 1 || rel.file_name().is_some_and(|n| n == "mod.rs");
-        let mut targets = referenced(&code, "crate");
-        if super_is_root {
-            targets.extend(referenced(&code, "super"));
-        }
-        for to in targets {
-            if to != from && modules.contains(&to) {
-                edges
-                    .entry((from.clone(), to))
-                    .or_default()
-                    .insert(rel.display().to_string());
-            }
-        }
-    }
-    (modules, edges)
-}
-
 fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))
 }
@@ -162,7 +123,7 @@ fn layer_of(module: &str) -> Option<usize> {
 #[test]
 fn src_modules_use_only_lower_layers_so_there_is_no_cycle() {
     let src = Path::new(ROOT).join("src");
-    let (modules, edges) = module_edges(&src);
+    let (modules, edges) = sibling_edges(&src, "");
     let mut problems = Vec::new();
     for m in &modules {
         if layer_of(m).is_none() {
@@ -304,7 +265,10 @@ fn sibling_edges(dir: &Path, crate_prefix: &str) -> (BTreeSet<String>, Edges) {
         }
         let code = without_test_module(&code_of(&std::fs::read_to_string(&file).unwrap()));
         let mut targets = referenced(&code, &format!("crate{crate_prefix}"));
-        if rel.components().count() == 1 {
+        // `super::` is this folder in a file directly in it, or in the
+        // `mod.rs` of a subfolder.
+        let depth = rel.components().count();
+        if depth == 1 || (depth == 2 && rel.file_name().is_some_and(|n| n == "mod.rs")) {
             targets.extend(referenced(&code, "super"));
         }
         for to in targets {

@@ -19,7 +19,9 @@ use crate::config::ServeArgs;
 use crate::grpc::service::{BUDGET_UNIT_BYTES, EdgeLimits, Shared};
 use crate::outbox::mirror::{MirrorConfig, run_mirror};
 use crate::pipeline::Sequencer;
-use crate::pipeline::writer::{COMPRESS_QUEUE_MAX, RotationLimits, WriterConfig, run_compression_pool, run_dispatcher};
+use crate::pipeline::writer::{
+    COMPRESS_QUEUE_MAX, RotationLimits, Settings, WriterConfig, run_compression_pool, run_dispatcher,
+};
 use crate::telemetry::prometheus::Metrics;
 use crate::telemetry::stats::{DispatchStats, IngestStats, MirrorStats};
 
@@ -167,23 +169,25 @@ fn start_writers(
 ) -> Writers {
     let (compress_tx, compress_rx) = mpsc::channel(COMPRESS_QUEUE_MAX);
     let writer_cfg = WriterConfig {
-        fs: state.fs.clone(),
-        log_dir: args.store.log_dir.clone(),
-        meta: shared.meta.clone(),
-        flush_interval: Duration::from_millis(args.flush_interval_ms),
-        limits: RotationLimits {
-            file_bytes_max: args.max_size_bytes,
-            file_age_max: Duration::from_secs(args.max_age_seconds),
-            idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
+        settings: Settings {
+            fs: state.fs.clone(),
+            log_dir: args.store.log_dir.clone(),
+            meta: shared.meta.clone(),
+            limits: RotationLimits {
+                file_bytes_max: args.max_size_bytes,
+                file_age_max: Duration::from_secs(args.max_age_seconds),
+                idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
+            },
+            life: args.lifecycle.lifecycle(),
+            outbox_events_max: args.outbox_events_max,
+            stats: shared.stats,
         },
-        life: args.lifecycle.lifecycle(),
+        flush_interval: Duration::from_millis(args.flush_interval_ms),
         compress_tx,
         checkpoints: crate::pipeline::checkpoints::CheckpointBatcher::start(shared.meta),
         events_added: shared.events_added,
-        stats: shared.stats,
         budget: shared.budget,
         active: shared.active,
-        outbox_events_max: args.outbox_events_max,
         open_files: crate::pipeline::openfiles::OpenFiles::new(state.open_files_max),
         fatal: lifelines.fatal.clone(),
     };

@@ -53,9 +53,9 @@ pub async fn run_compression_pool(
             _ = stop.cancelled() => break,
             Some(name) = done_rx.recv() => { in_flight.remove(&name); continue; }
             _ = sweep.tick() => {
-                let stored = cfg.meta.compress_jobs().unwrap_or_default();
+                let stored = cfg.settings.meta.compress_jobs().unwrap_or_default();
                 let fresh = sweep_order(stored, &in_flight);
-                cfg.stats.compress_backlog.store((fresh.len() + in_flight.len()) as u64, Ordering::Relaxed);
+                cfg.settings.stats.compress_backlog.store((fresh.len() + in_flight.len()) as u64, Ordering::Relaxed);
                 for j in fresh {
                     start_job(&cfg, &slots, &mut in_flight, &done_tx, j).await;
                 }
@@ -64,7 +64,8 @@ pub async fn run_compression_pool(
         };
         if in_flight.contains(&job.rotation.to) {
             // The sweep took it first; it runs once.
-            cfg.stats
+            cfg.settings
+                .stats
                 .compress_backlog
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)))
                 .ok();
@@ -94,14 +95,20 @@ async fn start_job(
     let spawned = std::thread::Builder::new().name("logd-gzip".into()).spawn(move || {
         lower_to_idle_priority();
         let name = job.rotation.to.clone();
-        match run_compression(cfg.fs.as_ref(), &cfg.log_dir, cfg.meta.as_ref(), cfg.life, &name) {
+        match run_compression(
+            cfg.settings.fs.as_ref(),
+            &cfg.settings.log_dir,
+            cfg.settings.meta.as_ref(),
+            cfg.settings.life,
+            &name,
+        ) {
             Ok(CompressionRun::NoJob) => {}
             Ok(CompressionRun::Finished(c)) => {
-                let s = &cfg.stats;
+                let s = &cfg.settings.stats;
                 s.compressed_files.fetch_add(1, Ordering::Relaxed);
                 s.compress_bytes_in.fetch_add(c.bytes_in, Ordering::Relaxed);
                 s.compress_bytes_out.fetch_add(c.bytes_out, Ordering::Relaxed);
-                if cfg.life.events {
+                if cfg.settings.life.events {
                     cfg.events_added.notify_one();
                 }
             }
@@ -111,6 +118,7 @@ async fn start_job(
             ),
         }
         let _ = cfg
+            .settings
             .stats
             .compress_backlog
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));

@@ -80,36 +80,24 @@ pub struct RotationLimits {
     pub idle_timeout: Duration,
 }
 
-/// Settings of the writers.
+/// Settings of the writers: what each writer's state machine needs
+/// ([`Settings`]) and the async plumbing around it.
 #[derive(Clone)]
 pub struct WriterConfig {
-    /// The filesystem.
-    pub fs: Arc<dyn Fs>,
-    /// Where session files live.
-    pub log_dir: PathBuf,
-    /// Checkpoint store.
-    pub meta: Arc<dyn MetaStore>,
+    /// The filesystem, directory, store, limits and counters.
+    pub settings: Settings,
     /// How often a writer fdatasyncs and checkpoints.
     pub flush_interval: Duration,
-    /// Rotation triggers.
-    pub limits: RotationLimits,
-    /// Compression and events.
-    pub life: Lifecycle,
     /// Rotated files waiting for compression.
     pub compress_tx: mpsc::Sender<CompressJob>,
     /// Woken when an event enters the outbox.
     pub events_added: Arc<Notify>,
-    /// Counters.
-    pub stats: Arc<DispatchStats>,
     /// The admission budget, returned by writers once a batch is written.
     pub budget: Arc<Semaphore>,
     /// Where writers put their checkpoints (batched into `meta`).
     pub checkpoints: crate::pipeline::checkpoints::CheckpointBatcher,
     /// Slots of LOGD_SESSIONS_ACTIVE_MAX: told when writers start and stop.
     pub active: Arc<crate::pipeline::sessions::ActiveSessions>,
-    /// LOGD_OUTBOX_EVENTS_MAX: with events on, rotations wait while the
-    /// outbox holds this many events.
-    pub outbox_events_max: usize,
     /// The bound on open session files (`LOGD_OPEN_FILES_MAX`).
     pub open_files: Arc<OpenFiles>,
     /// Cancelled by a writer after a non-transient I/O error: logd then
@@ -148,15 +136,7 @@ pub enum Control {
 impl WriterConfig {
     /// What a [`SessionWriter`] needs of these settings.
     pub fn settings(&self) -> Settings {
-        Settings {
-            fs: self.fs.clone(),
-            log_dir: self.log_dir.clone(),
-            meta: self.meta.clone(),
-            limits: self.limits,
-            life: self.life,
-            outbox_events_max: self.outbox_events_max,
-            stats: self.stats.clone(),
-        }
+        self.settings.clone()
     }
 }
 
@@ -200,7 +180,11 @@ pub fn on_error(op: FileOp, err: &std::io::Error) -> OnError {
 /// Why rotations must wait now: the event outbox holds
 /// LOGD_OUTBOX_EVENTS_MAX events or more (None: room, or no events).
 pub fn outbox_full(cfg: &WriterConfig) -> Option<String> {
-    outbox_full_for(cfg.meta.as_ref(), cfg.life, cfg.outbox_events_max)
+    outbox_full_for(
+        cfg.settings.meta.as_ref(),
+        cfg.settings.life,
+        cfg.settings.outbox_events_max,
+    )
 }
 
 /// What a writer needs to know, without the async plumbing.

@@ -57,7 +57,7 @@ pub async fn run_dispatcher(
     segments: Segments,
     start_lsn: u64,
 ) {
-    let stats = cfg.stats.clone();
+    let stats = cfg.settings.stats.clone();
     let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
     let mut writers: HashMap<String, WriterHandle> = HashMap::new();
     let mut tracker = CheckpointTracker::new(start_lsn);
@@ -91,7 +91,7 @@ pub async fn run_dispatcher(
                     removed_below = removal.take().unwrap().await.unwrap_or(removed_below);
                 }
                 if removal.is_none() && safe > removed_below {
-                    removal = Some(spawn_removal(cfg.meta.clone(), segments.clone(), safe));
+                    removal = Some(spawn_removal(cfg.settings.meta.clone(), segments.clone(), safe));
                 }
             }
         }
@@ -111,7 +111,7 @@ pub async fn run_dispatcher(
             tracker.checkpointed(&session, lsn);
         }
     }
-    let _ = spawn_removal(cfg.meta.clone(), segments, tracker.safe_lsn()).await;
+    let _ = spawn_removal(cfg.settings.meta.clone(), segments, tracker.safe_lsn()).await;
 }
 
 /// Whether a writer still takes frames (its queue is open).
@@ -157,7 +157,9 @@ async fn rotate_on_request(
     ctl: Control,
 ) {
     let Control::Rotate { session, reply } = ctl;
-    let targets = dispatch::rotate_targets(writers, session, |s| cfg.fs.exists(&logtmp_path(&cfg.log_dir, s)));
+    let targets = dispatch::rotate_targets(writers, session, |s| {
+        cfg.settings.fs.exists(&logtmp_path(&cfg.settings.log_dir, s))
+    });
     let mut waits = Vec::new();
     for s in targets {
         let (tx, rx) = oneshot::channel();
@@ -309,14 +311,14 @@ impl Shell {
                     });
                 }
                 Output::Rotated(rot) => {
-                    if self.cfg.life.events {
+                    if self.cfg.settings.life.events {
                         self.cfg.events_added.notify_one();
                     }
-                    if self.cfg.life.gzip_level.is_some() {
-                        self.cfg.stats.compress_backlog.fetch_add(1, Ordering::Relaxed);
+                    if self.cfg.settings.life.gzip_level.is_some() {
+                        self.cfg.settings.stats.compress_backlog.fetch_add(1, Ordering::Relaxed);
                         if self.cfg.compress_tx.try_send(CompressJob::new(rot)).is_err() {
                             // The job is in the store; the pool's next sweep takes it.
-                            self.cfg.stats.compress_backlog.fetch_sub(1, Ordering::Relaxed);
+                            self.cfg.settings.stats.compress_backlog.fetch_sub(1, Ordering::Relaxed);
                         }
                     }
                 }
