@@ -10,23 +10,10 @@ use std::time::{Duration, Instant};
 
 use wal::fs::{DelegateFile, DelegateFs, Fs, FsFile, OpenMode, RealFs};
 use wal::sim::SimFs;
-use wal::{Error, RecordType, Wal, WalOptions, read_from, verify};
+use wal::{Error, RecordType, Wal, read_from, verify};
 
-const WAL_DIR: &str = "/state/wal";
-const RECORD_HEADER: u64 = 17;
-
-fn opts(segment_bytes_max: u64) -> WalOptions {
-    WalOptions {
-        segment_bytes_max,
-        record_bytes_max: 1000,
-    }
-}
-
-fn payload(tag: &str, len: usize) -> Vec<u8> {
-    let mut p = tag.as_bytes().to_vec();
-    p.resize(len.max(tag.len()), b'.');
-    p
-}
+mod common;
+use common::{RECORD_HEADER, WAL_DIR, opts, payload};
 
 /// Every record of the WAL in `dir`, as (LSN, payload).
 fn read_all(fs: &dyn Fs, dir: &Path) -> wal::Result<Vec<(u64, Vec<u8>)>> {

@@ -9,21 +9,8 @@ use std::sync::{Arc, Mutex};
 use wal::sim::SimFs;
 use wal::{CommitInfo, Error, RecordType, Stage, Wal, WalOptions, Written, read_from, sync_step, write_step};
 
-const WAL_DIR: &str = "/state/wal";
-const RECORD_HEADER: u64 = 17;
-
-fn opts(segment_bytes_max: u64) -> WalOptions {
-    WalOptions {
-        segment_bytes_max,
-        record_bytes_max: 1000,
-    }
-}
-
-fn payload(tag: &str, len: usize) -> Vec<u8> {
-    let mut p = tag.as_bytes().to_vec();
-    p.resize(len.max(tag.len()), b'.');
-    p
-}
+mod common;
+use common::{RECORD_HEADER, WAL_DIR, opts, payload};
 
 /// Appends each request's payload; settling records (LSN, acked) per
 /// request, in the order settled.
