@@ -62,10 +62,16 @@
 //! of an unknown type, out of LSN order or fails its CRC. Then:
 //! - in the **last** segment, if no valid record follows, or the bad region
 //!   holds a zeroed header or a zeroed 512-byte sector (a write that never
-//!   reached the disk, as etcd's `isTornEntry` reasons), it is a **torn
-//!   tail**: [`Wal::open`] truncates it, fdatasyncs, and reports segment,
-//!   offset and bytes dropped. Only bytes that were never fsynced can be torn
-//!   this way, since every commit syncs everything before it;
+//!   reached the disk, as etcd's `isTornEntry` reasons), or the bad record's
+//!   header straddles a sector boundary and reads zeros from its start to
+//!   that boundary while the header is provably not what was written (its
+//!   length reads 0, or with 1 to 3 zeroed low length bytes some length
+//!   makes the record valid; the disk kept the later sector of the write and
+//!   not the earlier one), it is a **torn tail**: [`Wal::open`] truncates
+//!   it, fdatasyncs, and reports segment, offset and bytes dropped. Only
+//!   bytes that were never fsynced can be torn this way, since every commit
+//!   syncs everything before it: a sector that never received a write means
+//!   no fdatasync ran after that write;
 //! - in an **older** segment, if no valid record follows and the next
 //!   segment starts exactly at the LSN where the valid records end, the
 //!   segment **ended early** (a torn or preallocated tail left by a process

@@ -33,11 +33,23 @@ const MASK_DELTA: u32 = 0xa282_ead8;
 
 /// The masked CRC32 of `lsn || type || payload`, as stored in a header.
 pub fn record_crc(lsn: u64, kind: u8, payload: &[u8]) -> u32 {
+    let mut h = record_crc_start(lsn, kind);
+    h.update(payload);
+    mask(h.finalize())
+}
+
+/// A hasher that has taken `lsn || type`: feed it a payload and pass it to
+/// [`record_crc_of`] to check one length after another.
+pub(crate) fn record_crc_start(lsn: u64, kind: u8) -> crc32fast::Hasher {
     let mut h = crc32fast::Hasher::new();
     h.update(&lsn.to_le_bytes());
     h.update(&[kind]);
-    h.update(payload);
-    mask(h.finalize())
+    h
+}
+
+/// The stored (masked) CRC for what `h` has taken so far.
+pub(crate) fn record_crc_of(h: &crc32fast::Hasher) -> u32 {
+    mask(h.clone().finalize())
 }
 
 fn mask(crc: u32) -> u32 {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 pub use crate::error::BadRecord;
 use crate::error::{Error, Result};
 use crate::fs::FsFile;
-use crate::record::{Header, RECORD_HEADER_BYTES, RecordType, record_crc};
+use crate::record::{Header, RECORD_HEADER_BYTES, RecordType, record_crc, record_crc_of, record_crc_start};
 
 /// Magic bytes opening every segment.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"LOGDWAL1";
@@ -79,7 +79,10 @@ pub fn check_header(path: &Path, file: &dyn FsFile) -> Result<u64> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Damage {
     /// The last segment ends in a partial write from a crash: no valid record
-    /// follows, or the damage holds a zeroed sector (etcd's torn-write test).
+    /// follows, or the damage holds a zeroed sector (etcd's torn-write test),
+    /// or the bad header's first sector reached the disk from before it was
+    /// written (zeros from the header to the sector boundary; see the crate
+    /// docs).
     /// Readers also report an older segment that ended early this way when
     /// the next segment continues at its last valid LSN (see the crate docs).
     Torn {
@@ -387,7 +390,9 @@ fn classify(
     let torn = match resume {
         None => true,
         Some((resume_offset, _)) => {
-            why == BadRecord::Zeroed || has_zero_sector(w, offset, resume_offset).map_err(Error::io("read", path))?
+            why == BadRecord::Zeroed
+                || has_zero_sector(w, offset, resume_offset).map_err(Error::io("read", path))?
+                || header_in_stale_sector(w, offset, lsn, record_bytes_max).map_err(Error::io("read", path))?
         }
     };
     if torn && is_last {
@@ -444,6 +449,78 @@ fn find_next_valid(
         at += 1;
     }
     Ok(None)
+}
+
+/// Whether the record header at `offset` (where the record of `lsn` was
+/// written) lies partly in a sector the disk holds as it was before that
+/// record was written: the bytes from `offset` to the end of its 512-byte
+/// sector are all zero while the record's next sector holds its later bytes.
+///
+/// A disk persists each sector whole from the page cache, but the sectors of
+/// one writeback in any order, so a power cut can keep a later sector of a
+/// header that straddles a sector boundary and not the earlier one (which
+/// still holds the file's end as of an earlier write: zeros from `offset`).
+/// The WAL appends whole records in one write, so such a sector's zeros
+/// start exactly at a record boundary. That the zeros are stale, not written
+/// (a real record is never this), is shown by the header itself:
+/// - at least the 4-byte length is zeroed: a record's length is never 0;
+/// - fewer bytes (1 to 3 low bytes of the length): some length with the
+///   stored high bytes makes the record valid (expected LSN, known type,
+///   CRC over the payload), so the record was written whole and only its
+///   first bytes did not reach the disk.
+///
+/// Either way the write that put this record there never reached the disk
+/// whole, so no fdatasync covered it (one would have written that sector
+/// after it), and neither was anything after it (an fdatasync covers every
+/// earlier write): only unsynced bytes lie beyond `offset`.
+fn header_in_stale_sector(w: &mut Window<'_>, offset: u64, lsn: u64, record_bytes_max: u32) -> std::io::Result<bool> {
+    let sector_end = (offset / SECTOR_BYTES + 1) * SECTOR_BYTES;
+    let zeros = sector_end - offset;
+    if sector_end > w.file_len || zeros >= RECORD_HEADER_BYTES as u64 {
+        // A whole zeroed header is `BadRecord::Zeroed`; a header that does
+        // not reach the next sector cannot be split this way.
+        return Ok(false);
+    }
+    let Some(stale) = w.get(offset, zeros as usize)? else {
+        return Ok(false);
+    };
+    if stale.iter().any(|&b| b != 0) {
+        return Ok(false);
+    }
+    if zeros >= 4 {
+        return Ok(true); // the length reads 0
+    }
+    let Some(hb) = w.get(offset, RECORD_HEADER_BYTES)? else {
+        return Ok(false);
+    };
+    let h = Header::parse(hb);
+    // The length's low `zeros` bytes are lost; everything else is in the
+    // next sector. Try every length with the stored high bytes.
+    if h.lsn != lsn || RecordType::from_byte(h.kind).is_none() {
+        return Ok(false);
+    }
+    let lost_bits = 8 * zeros as u32;
+    let first = u64::from(h.len >> lost_bits << lost_bits).max(1);
+    let room = w.file_len - offset - RECORD_HEADER_BYTES as u64;
+    let last = (first | ((1u64 << lost_bits) - 1))
+        .min(u64::from(record_bytes_max))
+        .min(room);
+    if first > last {
+        return Ok(false);
+    }
+    let payload_at = offset + RECORD_HEADER_BYTES as u64;
+    let Some(payload) = w.get(payload_at, last as usize)? else {
+        return Ok(false);
+    };
+    let mut crc = record_crc_start(h.lsn, h.kind);
+    crc.update(&payload[..first as usize - 1]);
+    for len in first..=last {
+        crc.update(&payload[len as usize - 1..len as usize]);
+        if record_crc_of(&crc) == h.crc {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Whether `[from, to)` contains a whole, sector-aligned run of zero bytes.
