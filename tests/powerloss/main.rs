@@ -51,6 +51,13 @@ use world::{Stats, World};
 
 const DEFAULT_SEEDS: u64 = 2000;
 
+/// Written-but-unsynced batches the real commit threads can hold at most
+/// (`wal::GroupCommit`, `sync_channel(1)` in `wal/src/group.rs`): the one
+/// the `wal-sync` thread is syncing, the one waiting in the channel, and the
+/// one the `wal-commit` thread has written and is blocked handing over.
+/// A power cut can then keep, tear or drop each of the three.
+const UNSYNCED_MAX: usize = 3;
+
 fn run_seed(seed: u64, verbose: bool) -> (Result<(), String>, Stats, Vec<String>) {
     plan::arm(None);
     let mut world = World::new(seed, verbose);
@@ -68,11 +75,7 @@ fn run_seed(seed: u64, verbose: bool) -> (Result<(), String>, Stats, Vec<String>
 
 /// Triage switches: `LOGD_SIM_FAULTS` (I/O error phases, on unless 0) and
 /// `LOGD_SIM_UNSYNCED_MAX`: written batches waiting for their fdatasync at
-/// most (default 1). The real threads allow 3 (the one the sync thread
-/// holds, the one in its channel, the one the commit thread blocks on), but
-/// with more than one a power cut can keep a later batch and tear an
-/// earlier one, and `Wal::open` then refuses the log as mid-log corruption
-/// (see the report of this branch): run with 3 to see it.
+/// most (default [`UNSYNCED_MAX`]).
 pub struct Knobs {
     pub faults: bool,
     pub unsynced_max: usize,
@@ -82,7 +85,7 @@ pub fn knobs() -> &'static Knobs {
     static KNOBS: std::sync::OnceLock<Knobs> = std::sync::OnceLock::new();
     KNOBS.get_or_init(|| Knobs {
         faults: env_u64("LOGD_SIM_FAULTS") != Some(0),
-        unsynced_max: env_u64("LOGD_SIM_UNSYNCED_MAX").unwrap_or(1).max(1) as usize,
+        unsynced_max: env_u64("LOGD_SIM_UNSYNCED_MAX").map_or(UNSYNCED_MAX, |n| n.max(1) as usize),
     })
 }
 
@@ -154,7 +157,9 @@ fn power_loss_simulation() {
             assert!(stats.torn_wal_tails > 0 && stats.segments_removed > 0, "{stats:?}");
             assert!(stats.rotations > 0 && stats.compressions > 0, "{stats:?}");
             assert!(
-                stats.max_unsynced_batches >= 1 && stats.successions > 0 && stats.slot_closes > 0,
+                stats.max_unsynced_batches == knobs().unsynced_max as u64
+                    && stats.successions > 0
+                    && stats.slot_closes > 0,
                 "{stats:?}"
             );
             if cfg!(feature = "failpoints") {
