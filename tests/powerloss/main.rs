@@ -162,6 +162,29 @@ fn power_loss_simulation() {
                     && stats.slot_closes > 0,
                 "{stats:?}"
             );
+            if knobs().faults {
+                // Every fault kind was injected, and each errseq path taken:
+                // a writeback error seen first by the WAL's roll or by the
+                // next process's recovery (other descriptions than the sync
+                // step's), and a kill after a failed fsync followed, after a
+                // restart and more work, by a power cut.
+                assert!(
+                    stats.fault_syncs > 0
+                        && stats.fault_sync_bursts > 0
+                        && stats.fault_write_bursts > 0
+                        && stats.fault_writebacks > 0
+                        && stats.writeback_wal > 0
+                        && stats.writeback_logtmp > 0,
+                    "{stats:?}"
+                );
+                assert!(
+                    stats.roll_sync_failures > 0
+                        && stats.recovery_saw_writeback_error > 0
+                        && stats.kills_after_failed_sync > 0
+                        && stats.power_cuts_after_failed_kill > 0,
+                    "{stats:?}"
+                );
+            }
             if cfg!(feature = "failpoints") {
                 assert!(stats.crash_points_hit > 0, "crash points never hit: {stats:?}");
             }

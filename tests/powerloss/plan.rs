@@ -79,6 +79,15 @@ pub enum Fault {
     SyncBurst { n: u64, drops: bool, steps: u64 },
     /// Writes fail for `steps` steps, then heal.
     WriteBurst { steps: u64 },
+    /// The kernel's background writeback of one file fails (its dirty pages
+    /// are marked clean, the disk never got them): the active WAL segment
+    /// (`wal`) or a session's `.logtmp`. Nobody has seen the error yet: the
+    /// next fdatasync of any description of the file reports it (errseq).
+    /// With `kill`, the process is killed at once, so a description of the
+    /// next process sees it first (the recovery pass's open fdatasync); else
+    /// whichever sync comes first (the WAL's roll or its sync step, a
+    /// writer's fdatasync).
+    Writeback { wal: bool, kill: bool },
 }
 
 #[derive(Debug)]
@@ -116,10 +125,21 @@ impl World {
             18..=22 => Some(Fault::WriteBurst {
                 steps: 1 + self.below(4),
             }),
+            23..=28 => Some(Fault::Writeback {
+                wal: self.chance(60),
+                kill: self.chance(50),
+            }),
             _ => None,
         };
         let fault = fault.map(|f| (self.step + self.below(steps - self.step + 1), f));
-        let power = self.chance(70) || after_failed_kill;
+        let kill_at_fault = matches!(fault, Some((_, Fault::Writeback { kill: true, .. })));
+        let power = (self.chance(70) || after_failed_kill) && !kill_at_fault;
+        if after_failed_kill {
+            // A kill after a failed fdatasync or writeback, a restart, more
+            // work, and now a power cut: recovery must not have trusted the
+            // pages the disk never got.
+            self.stats.power_cuts_after_failed_kill += 1;
+        }
         let at = match self.below(100) {
             0..=34 => Where::Step,
             35..=49 => Where::BeforeSettle,
@@ -128,6 +148,15 @@ impl World {
             }
             _ => Where::Step,
         };
+        if let Some((fault_at, _)) = fault.filter(|_| kill_at_fault) {
+            return Plan {
+                steps: fault_at + 1,
+                power,
+                at: Where::Step,
+                crash_seed,
+                fault,
+            };
+        }
         Plan {
             steps: steps.max(fault.map_or(0, |(at, _)| at + 5)),
             power,
@@ -163,11 +192,21 @@ impl World {
                 if self.step == at {
                     self.note(format!("FAULT {fault:?}"));
                     match fault {
-                        Fault::Syncs { n, drops } | Fault::SyncBurst { n, drops, .. } => {
+                        Fault::Syncs { n, drops } => {
+                            self.stats.fault_syncs += 1;
                             self.fs.set_failed_sync_drops_pending(drops);
                             self.fs.fail_syncs_after(n);
                         }
-                        Fault::WriteBurst { .. } => self.fs.set_write_error(true),
+                        Fault::SyncBurst { n, drops, .. } => {
+                            self.stats.fault_sync_bursts += 1;
+                            self.fs.set_failed_sync_drops_pending(drops);
+                            self.fs.fail_syncs_after(n);
+                        }
+                        Fault::WriteBurst { .. } => {
+                            self.stats.fault_write_bursts += 1;
+                            self.fs.set_write_error(true);
+                        }
+                        Fault::Writeback { wal, .. } => self.fail_writeback(live, wal),
                     }
                 }
                 if let Fault::SyncBurst { steps, .. } | Fault::WriteBurst { steps } = fault
@@ -228,9 +267,12 @@ impl World {
         Ok(false)
     }
 
-    fn crash(&mut self, live: Live, plan: &Plan) {
+    fn crash(&mut self, live: Live, plan: &Plan, failed_syncs: u64) {
         arm(None);
         drop(live);
+        if !plan.power && self.fs.stats().sync_data_failed > failed_syncs {
+            self.stats.kills_after_failed_sync += 1;
+        }
         if plan.power {
             let r = self.fs.crash(plan.crash_seed);
             self.note(format!("POWER CUT (seed {}): {r:?}", plan.crash_seed));
@@ -261,10 +303,18 @@ impl World {
             if plan.fault.is_some() {
                 self.stats.fault_phases += 1;
             }
+            let failed_syncs = self.fs.stats().sync_data_failed;
             self.run_phase(&mut live, &plan)?;
-            after_failed_kill =
-                !plan.power && matches!(plan.fault, Some((_, Fault::Syncs { .. } | Fault::SyncBurst { .. })));
-            self.crash(live, &plan);
+            after_failed_kill = !plan.power
+                && (self.fs.stats().sync_data_failed > failed_syncs
+                    || matches!(
+                        plan.fault,
+                        Some((
+                            _,
+                            Fault::Syncs { .. } | Fault::SyncBurst { .. } | Fault::Writeback { .. }
+                        ))
+                    ));
+            self.crash(live, &plan, failed_syncs);
             live = self.recover_and_check()?;
         }
         Ok(())

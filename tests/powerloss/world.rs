@@ -100,6 +100,25 @@ pub struct Stats {
     pub checkpoint_batches: u64,
     pub fail_stops: u64,
     pub retries: u64,
+    /// Fault phases whose fault was injected, by kind.
+    pub fault_syncs: u64,
+    pub fault_sync_bursts: u64,
+    pub fault_write_bursts: u64,
+    pub fault_writebacks: u64,
+    /// Background writeback errors injected on a WAL segment / a `.logtmp`.
+    pub writeback_wal: u64,
+    pub writeback_logtmp: u64,
+    /// A roll's fdatasync failed (the commit thread saw the error before
+    /// the sync thread's batch).
+    pub roll_sync_failures: u64,
+    /// The recovery pass of a new process was the first to see a writeback
+    /// error (its own open file description), so `logd` exited and restarted.
+    pub recovery_saw_writeback_error: u64,
+    /// Kills in a phase where an fdatasync had failed.
+    pub kills_after_failed_sync: u64,
+    /// Power cuts in the phase after a kill that followed a failed
+    /// fdatasync or writeback (after a restart and more work).
+    pub power_cuts_after_failed_kill: u64,
 }
 
 impl Stats {
@@ -124,6 +143,16 @@ impl Stats {
         self.checkpoint_batches += o.checkpoint_batches;
         self.fail_stops += o.fail_stops;
         self.retries += o.retries;
+        self.fault_syncs += o.fault_syncs;
+        self.fault_sync_bursts += o.fault_sync_bursts;
+        self.fault_write_bursts += o.fault_write_bursts;
+        self.fault_writebacks += o.fault_writebacks;
+        self.writeback_wal += o.writeback_wal;
+        self.writeback_logtmp += o.writeback_logtmp;
+        self.roll_sync_failures += o.roll_sync_failures;
+        self.recovery_saw_writeback_error += o.recovery_saw_writeback_error;
+        self.kills_after_failed_sync += o.kills_after_failed_sync;
+        self.power_cuts_after_failed_kill += o.power_cuts_after_failed_kill;
     }
 }
 
@@ -201,6 +230,8 @@ pub struct Live {
     pub shared: Shared,
     /// A commit failed: nothing may be acked any more.
     poisoned: bool,
+    /// A write step failed (its write, or a roll's fdatasync while staging).
+    write_failed: bool,
     /// The Sequencer's last seq per session, as the model predicts it.
     expect_last: BTreeMap<String, i64>,
 }
@@ -224,6 +255,9 @@ pub struct World {
     pub step: u64,
     counter: u64,
     pub stats: Stats,
+    /// A background writeback error was injected since the last recovery:
+    /// the next process may be the first to see it.
+    writeback_error: bool,
 }
 
 impl World {
@@ -268,6 +302,7 @@ impl World {
             epoch: 0,
             step: 0,
             counter: 0,
+            writeback_error: false,
             stats: Stats {
                 seeds: 1,
                 ..Stats::default()
@@ -343,9 +378,66 @@ impl World {
 
     /// The recovery pass, exactly as `logd serve` runs it.
     pub fn recover(&mut self) -> Result<Wal, String> {
+        match self.recover_once() {
+            Err((e, false)) if std::mem::take(&mut self.writeback_error) => {
+                // This process's description of a file was the first to see
+                // the writeback error a killed process left: logd exits (an
+                // I/O error, not corruption) and is restarted. A description
+                // opened now is not told again (errseq), and recovery reads
+                // from the disk, not from the pages the disk never got.
+                self.note(format!(
+                    "recovery saw the writeback error: {e}; logd exits and restarts"
+                ));
+                self.stats.recovery_saw_writeback_error += 1;
+                self.fs.kill();
+                let unflushed = self.meta.unflushed();
+                let keep = self.below(unflushed as u64 + 1) as usize;
+                self.meta.crash_keeping(keep);
+                self.recover_once().map_err(|(e, _)| e)
+            }
+            other => {
+                self.writeback_error = false;
+                other.map_err(|(e, _)| e)
+            }
+        }
+    }
+
+    /// Background writeback of the active WAL segment (`wal`) or of a
+    /// session's `.logtmp` fails: see [`crate::plan::Fault::Writeback`].
+    pub fn fail_writeback(&mut self, live: &Live, wal: bool) {
+        let mut logtmps: Vec<_> = self
+            .fs
+            .list_dir(log_dir())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.to_str().is_some_and(|p| p.ends_with(store::LOGTMP_SUFFIX)))
+            .collect();
+        logtmps.sort();
+        let path = if wal || logtmps.is_empty() {
+            self.stats.writeback_wal += 1;
+            live.segments.list().last().expect("an active segment").path.clone()
+        } else {
+            self.stats.writeback_logtmp += 1;
+            let i = self.below(logtmps.len() as u64) as usize;
+            logtmps.swap_remove(i)
+        };
+        self.note(format!("background writeback of {} fails", path.display()));
+        self.fs.fail_writeback(&path);
+        self.stats.fault_writebacks += 1;
+        self.writeback_error = true;
+    }
+
+    /// One recovery pass, exactly as `logd serve` runs it; the error says
+    /// whether it is an integrity error.
+    fn recover_once(&mut self) -> Result<Wal, (String, bool)> {
         let mut replayer = Replayer::new(self.dfs.clone(), log_dir(), self.dmeta.clone()).with_lifecycle(self.life);
         let (wal, report) = recovery::run(self.dfs.clone(), Path::new(WAL_DIR), self.opts, &mut replayer, |_| {})
-            .map_err(|e| format!("recovery failed: {e} (integrity: {})", e.is_integrity()))?;
+            .map_err(|e| {
+                (
+                    format!("recovery failed: {e} (integrity: {})", e.is_integrity()),
+                    e.is_integrity(),
+                )
+            })?;
         if report.open.torn_tail.is_some() {
             self.stats.torn_wal_tails += 1;
         }
@@ -405,6 +497,7 @@ impl World {
                 t0: Instant::now(),
             },
             poisoned: false,
+            write_failed: false,
             expect_last,
         }
     }
@@ -479,6 +572,16 @@ impl World {
         }
         let written = wal::write_step(&mut live.wal, &live.sequencer, requests);
         let ok = written.unsynced.is_ok();
+        // A roll while staging fdatasyncs the full segment on the commit
+        // thread, through the same gate as the sync steps: when it is the
+        // first to fail, the batches still waiting must fail too.
+        if let Err(wal::Error::Poisoned(why)) = &written.unsynced
+            && why.starts_with("wal: fdatasync")
+            && !live.poisoned
+            && !std::mem::replace(&mut live.write_failed, true)
+        {
+            self.stats.roll_sync_failures += 1;
+        }
         live.unsynced.push_back((written, waiting));
         self.stats.max_unsynced_batches = self.stats.max_unsynced_batches.max(live.unsynced.len() as u64);
         self.note(format!(
