@@ -9,8 +9,9 @@ use crate::knobs;
 use crate::world::{Live, World};
 
 /// The crash points the simulated pipeline passes through.
-pub const CRASH_POINTS: [&str; 13] = [
+pub const CRASH_POINTS: [&str; 14] = [
     "wal::commit::after_write",
+    "wal::commit::after_fsync",
     "wal::remove::after_unlink",
     "writer::after_write",
     "writer::after_fsync",
