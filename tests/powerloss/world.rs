@@ -95,6 +95,8 @@ pub struct Stats {
     pub compressions: u64,
     pub replayed: u64,
     pub max_unsynced_batches: u64,
+    /// Sync steps that made several written batches durable at once.
+    pub coalesced_syncs: u64,
     pub successions: u64,
     pub slot_closes: u64,
     pub checkpoint_batches: u64,
@@ -138,6 +140,7 @@ impl Stats {
         self.compressions += o.compressions;
         self.replayed += o.replayed;
         self.max_unsynced_batches = self.max_unsynced_batches.max(o.max_unsynced_batches);
+        self.coalesced_syncs += o.coalesced_syncs;
         self.successions += o.successions;
         self.slot_closes += o.slot_closes;
         self.checkpoint_batches += o.checkpoint_batches;
@@ -593,13 +596,27 @@ impl World {
         Ok(())
     }
 
-    /// The sync thread makes the oldest written batch durable and settles
-    /// it; true if the process is to die between the two (nothing acked).
+    /// The sync thread takes the written batches it finds (the oldest
+    /// few: a random prefix of those written so far), makes them durable
+    /// with one fdatasync and settles them (`wal::sync_steps`); true if the
+    /// process is to die between the two (nothing acked; one batch then).
     pub fn sync_batch(&mut self, live: &mut Live, die_before_settle: bool) -> Result<bool, String> {
-        let Some((written, waiting)) = live.unsynced.pop_front() else {
+        if live.unsynced.is_empty() {
             return Ok(false);
+        }
+        let take = if die_before_settle {
+            1
+        } else {
+            1 + self.below(live.unsynced.len() as u64) as usize
         };
+        if take > 1 {
+            self.stats.coalesced_syncs += 1;
+        }
+        let taken: Vec<(Written, Vec<Waiting>)> = live.unsynced.drain(..take).collect();
+        let (batches, waiting): (Vec<Written>, Vec<Vec<Waiting>>) = taken.into_iter().unzip();
+        let waiting: Vec<Waiting> = waiting.into_iter().flatten().collect();
         if die_before_settle {
+            let written = batches.into_iter().next().expect("one batch");
             let synced = written.unsynced.and_then(wal::Unsynced::sync);
             self.note(format!(
                 "fdatasync {:?}; the process dies before settling",
@@ -609,7 +626,7 @@ impl World {
             return Ok(true);
         }
         let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wal::sync_step(written, &live.sequencer)
+            wal::sync_steps(batches, &live.sequencer)
         })) {
             Ok(result) => result.map(|_| ()).map_err(|e| e.to_string()),
             Err(crash) => {

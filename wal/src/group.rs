@@ -8,21 +8,26 @@
 //!   each request's records in submission order, then writes the batch with
 //!   one write ([`Wal::write_batch`]). The result, a [`Written`], holds what
 //!   was staged and the written-but-unsynced batch ([`Unsynced`]);
-//! - [`sync_step`] (on the `wal-sync` thread): makes the batch durable with
-//!   one fdatasync ([`Unsynced::sync`], through the WAL's sync gate) and only
-//!   then settles every request of the batch ([`Stage::settle`]).
+//! - [`sync_steps`] (on the `wal-sync` thread): makes every batch written so
+//!   far durable with ONE fdatasync of the newest ([`Unsynced::sync`],
+//!   through the WAL's sync gate; an fdatasync covers every earlier write to
+//!   the file, and a roll synced the segments before) and only then settles
+//!   every request of them ([`Stage::settle`]). [`sync_step`] is the same for
+//!   one batch.
 //!
 //! The threads are thin shells: the committer takes up to
 //! `batch_requests_max` queued requests, calls [`write_step`] and hands the
-//! [`Written`] to the syncer over a channel of depth one, and the syncer
-//! calls [`sync_step`] on each, in order. The two are pipelined: batch N+1
-//! is staged and written while batch N's fdatasync runs (one batch waits at
-//! most), so the encoding work hides behind the disk. Batches grow by
-//! themselves while an fdatasync is in flight, with no added wait. The stage
-//! lock is taken once per request while staging and once per batch to
-//! settle, never across an fdatasync. The queue itself is unbounded: callers
-//! bound what they put in flight (logd admits requests through a byte
-//! budget).
+//! [`Written`] to the syncer over an unbounded channel, never waiting for
+//! it; the syncer takes every batch in the channel and calls [`sync_steps`]
+//! on them. So a request that arrives while fdatasync N runs is written at
+//! once and made durable by fdatasync N+1: it waits at most for the
+//! fdatasync in flight and its own, and one fdatasync covers every request
+//! that arrived during the previous one (with 64 clients and one frame in
+//! flight each, about 64 frames per fdatasync, not 10). The encoding work
+//! hides behind the disk. The stage lock is taken once per request while
+//! staging and once per fdatasync to settle, never across an fdatasync. The
+//! queues are unbounded: callers bound what they put in flight (logd admits
+//! requests through a byte budget).
 //!
 //! # Invariants
 //! - Batches are synced and settled in the order they were written
@@ -37,8 +42,9 @@
 //! `sim::SimFs`, with the `sim` feature) may run the same steps in any
 //! interleaving the threads could produce:
 //! - hold several [`Written`] batches at once (written, not yet synced);
-//! - call [`sync_step`] on them in write order at any later time (syncing
-//!   out of order is a bug the WAL asserts against);
+//! - call [`sync_step`] or [`sync_steps`] on them in write order at any
+//!   later time, one or several at once (syncing out of order is a bug the
+//!   WAL asserts against);
 //! - run more [`write_step`]s in between, including ones whose appends roll
 //!   a segment: the roll's fdatasync then runs, in program order, before a
 //!   pending batch's, as it may on the threads;
@@ -117,7 +123,40 @@ pub fn write_step<S: Stage>(
 /// fdatasync. Batches must go through here in the order [`write_step`]
 /// wrote them. Returns the commit's result as the stage saw it.
 pub fn sync_step<S: Stage>(written: Written<S::Staged>, stage: &Mutex<S>) -> Result<CommitInfo> {
-    let Written { staged, unsynced } = written;
+    sync_steps(std::iter::once(written), stage)
+}
+
+/// The second step for every batch written so far, at once: ONE fdatasync
+/// makes them all durable, then one [`Stage::settle`] answers every request
+/// of them, in write order. An fdatasync covers every write made to the
+/// file before it, and a batch on an earlier segment was made durable by
+/// the roll's fdatasync that closed that segment (a failed roll poisons the
+/// WAL, so the fdatasync here fails too). When any batch's write failed,
+/// none of them is acknowledged. With no batch, nothing happens.
+pub fn sync_steps<S: Stage>(
+    batches: impl IntoIterator<Item = Written<S::Staged>>,
+    stage: &Mutex<S>,
+) -> Result<CommitInfo> {
+    let mut staged: Vec<S::Staged> = Vec::new();
+    let mut newest: Option<Result<Unsynced>> = None;
+    for w in batches {
+        if staged.is_empty() {
+            staged = w.staged;
+        } else {
+            staged.extend(w.staged);
+        }
+        newest = Some(match (newest, w.unsynced) {
+            (None, u) => u,
+            (Some(Err(e)), _) | (Some(Ok(_)), Err(e)) => Err(e),
+            (Some(Ok(earlier)), Ok(mut later)) => {
+                later.absorb(earlier);
+                Ok(later)
+            }
+        });
+    }
+    let Some(unsynced) = newest else {
+        return Ok(CommitInfo::default());
+    };
     let result = unsynced.and_then(Unsynced::sync);
     crate::crash_point!("wal::commit::after_fsync");
     stage.lock().unwrap().settle(staged, result.as_ref());
@@ -180,15 +219,21 @@ impl<S: Stage> GroupCommit<S> {
             ready: Condvar::new(),
         });
         let stage = Arc::new(Mutex::new(stage));
-        // One written batch waits while another syncs: deeper queues would
-        // only split what could be one larger batch.
-        let (to_sync, written) = std::sync::mpsc::sync_channel::<Written<S::Staged>>(1);
+        // The committer never waits for the syncer: whatever arrives while
+        // an fdatasync runs is written at once, and the syncer's next
+        // fdatasync covers every batch written by then (`sync_steps`). So a
+        // request waits at most for the fdatasync in flight and its own.
+        // The channel is unbounded; what it holds is bounded by what callers
+        // put in flight (logd's admission budget).
+        let (to_sync, written) = std::sync::mpsc::channel::<Written<S::Staged>>();
         let sync_stage = stage.clone();
         let syncer = std::thread::Builder::new()
             .name("wal-sync".into())
             .spawn(move || {
-                for batch in written {
-                    let _ = sync_step(batch, &sync_stage);
+                while let Ok(first) = written.recv() {
+                    let mut batches = vec![first];
+                    batches.extend(written.try_iter());
+                    let _ = sync_steps(batches, &sync_stage);
                 }
             })
             .expect("spawn wal-sync thread");

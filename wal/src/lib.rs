@@ -89,9 +89,10 @@
 //! [`GroupCommit`] runs a committer thread and a syncer thread, thin shells
 //! around two public steps: the committer drains the queue and calls
 //! [`write_step`] (stage each request's records into one buffer, one
-//! `write`); the syncer calls [`sync_step`] on each written batch, in order
-//! (one `fdatasync`, then settle every request of the batch). Batch N+1 is
-//! staged and written while batch N syncs. After a failed `fdatasync` every
+//! `write`, never waiting for the syncer); the syncer calls [`sync_steps`]
+//! on every batch written so far, in order (ONE `fdatasync` for all of them,
+//! then settle every request). What arrives while an `fdatasync` runs is
+//! written at once and covered by the next one. After a failed `fdatasync` every
 //! later batch fails too, even one whose own `fdatasync` returns Ok. A
 //! simulator may call the steps itself in any order the threads could run
 //! them (see [`group`]).
@@ -123,7 +124,7 @@ pub mod segment;
 pub mod sim;
 
 pub use error::{Error, Result};
-pub use group::{GroupCommit, Stage, Submitter, Written, sync_step, write_step};
+pub use group::{GroupCommit, Stage, Submitter, Written, sync_step, sync_steps, write_step};
 pub use log::{
     CommitInfo, OpenReport, ReadSummary, SegmentInfo, Segments, TornTail, Unsynced, Wal, WalOptions, WalStats,
     read_from, verify,

@@ -183,7 +183,7 @@ impl Segments {
 }
 
 /// Result of a successful [`Wal::commit`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CommitInfo {
     /// Records made durable by this commit.
     pub records: u64,
@@ -314,6 +314,22 @@ impl Unsynced {
     /// Records in this batch (0 for a batch that wrote nothing).
     pub fn records(&self) -> u64 {
         self.records
+    }
+
+    /// Takes in `earlier`, a batch written before this one, so that this
+    /// batch's one fdatasync makes both durable (and counts as one commit of
+    /// both batches' records): the fdatasync covers every write to this
+    /// batch's segment before it, and a batch on an earlier segment was made
+    /// durable by the roll that closed that segment.
+    pub fn absorb(&mut self, earlier: Unsynced) {
+        assert!(
+            earlier.durable_lsn_end <= self.durable_lsn_end,
+            "a batch ending before LSN {} absorbed into one ending before LSN {}: only earlier batches",
+            earlier.durable_lsn_end,
+            self.durable_lsn_end
+        );
+        self.records += earlier.records;
+        self.bytes += earlier.bytes;
     }
 
     /// fdatasyncs the segment the batch was written to. On error the WAL is
