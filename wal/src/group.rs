@@ -57,6 +57,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::log::{CommitInfo, Unsynced, Wal};
@@ -163,6 +164,56 @@ pub fn sync_steps<S: Stage>(
     result
 }
 
+/// The syncer's wait for the rest of a cohort. Clients that wait for their
+/// ack before sending again (one frame in flight each) come back together,
+/// one round trip after their fdatasync settled them. If the syncer started
+/// the next fdatasync on the few requests that beat them, the clients would
+/// split into two groups that alternate, each fdatasync covering half of them
+/// at half the throughput. So when fewer requests are written than the
+/// previous fdatasync settled, the syncer waits for the rest, at most a
+/// quarter of a recent fdatasync's time ([`COHORT_WAIT_MAX`] at most): a
+/// slow disk loses little to the wait and gains a full batch, a fast one
+/// waits a few microseconds. The wait changes when the fdatasync runs, never
+/// what it covers: nothing is acknowledged before it returns.
+#[derive(Default)]
+struct Cohort {
+    /// Requests the previous fdatasync settled.
+    last: usize,
+    /// Recent fdatasync time (exponentially weighted, 1/4 per sample).
+    sync_time: Duration,
+}
+
+/// The longest the syncer waits for the rest of a cohort.
+const COHORT_WAIT_MAX: Duration = Duration::from_millis(5);
+
+impl Cohort {
+    /// Adds to `batches` what is written until it holds as many requests as
+    /// the previous fdatasync settled, or the wait is over.
+    fn gather<T>(&self, written: &std::sync::mpsc::Receiver<Written<T>>, batches: &mut Vec<Written<T>>) {
+        let mut requests: usize = batches.iter().map(|b| b.staged.len()).sum();
+        if requests >= self.last {
+            return;
+        }
+        let deadline = Instant::now() + (self.sync_time / 4).min(COHORT_WAIT_MAX);
+        while requests < self.last {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match written.recv_timeout(left) {
+                Ok(batch) => {
+                    requests += batch.staged.len();
+                    batches.push(batch);
+                }
+                Err(_) => return, // the wait is over, or the committer is gone
+            }
+        }
+    }
+
+    /// Notes an fdatasync that settled `requests` and took `took`.
+    fn synced(&mut self, requests: usize, took: Duration) {
+        self.last = requests;
+        self.sync_time = (self.sync_time * 3 + took) / 4;
+    }
+}
+
 struct Queue<R> {
     items: VecDeque<R>,
     closed: bool,
@@ -230,10 +281,15 @@ impl<S: Stage> GroupCommit<S> {
         let syncer = std::thread::Builder::new()
             .name("wal-sync".into())
             .spawn(move || {
+                let mut cohort = Cohort::default();
                 while let Ok(first) = written.recv() {
                     let mut batches = vec![first];
                     batches.extend(written.try_iter());
+                    cohort.gather(&written, &mut batches);
+                    let requests = batches.iter().map(|b| b.staged.len()).sum();
+                    let started = Instant::now();
                     let _ = sync_steps(batches, &sync_stage);
+                    cohort.synced(requests, started.elapsed());
                 }
             })
             .expect("spawn wal-sync thread");
