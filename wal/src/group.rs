@@ -363,3 +363,64 @@ impl<S: Stage> Drop for GroupCommit<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(requests: usize) -> Written<()> {
+        Written {
+            staged: vec![(); requests],
+            unsynced: Err(Error::Closed),
+        }
+    }
+
+    fn cohort(last: usize, sync_time: Duration) -> Cohort {
+        Cohort { last, sync_time }
+    }
+
+    #[test]
+    fn the_rest_of_a_cohort_already_written_joins_the_fdatasync() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(batch(2)).unwrap();
+        tx.send(batch(5)).unwrap(); // beyond the cohort: left for the next fdatasync
+        let mut batches = vec![batch(1)];
+        cohort(3, Duration::from_secs(1)).gather(&rx, &mut batches);
+        assert_eq!(batches.iter().map(|b| b.staged.len()).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(rx.try_iter().count(), 1);
+    }
+
+    #[test]
+    fn a_complete_cohort_is_synced_without_waiting() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(batch(1)).unwrap(); // written after: not waited for
+        let mut batches = vec![batch(4)];
+        cohort(4, Duration::from_secs(60)).gather(&rx, &mut batches);
+        assert_eq!(batches.len(), 1);
+        assert_eq!(rx.try_iter().count(), 1, "gather did not take from the channel");
+    }
+
+    #[test]
+    fn an_incomplete_cohort_waits_a_quarter_of_an_fdatasync_at_most() {
+        let (_tx, rx) = std::sync::mpsc::channel::<Written<()>>();
+        let mut batches = vec![batch(1)];
+        let t = Instant::now();
+        cohort(64, Duration::from_millis(8)).gather(&rx, &mut batches);
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(2), "the wait ended early: {waited:?}");
+        assert_eq!(batches.len(), 1);
+        // A very slow disk: the wait is capped.
+        let t = Instant::now();
+        cohort(64, Duration::from_secs(10)).gather(&rx, &mut batches);
+        assert!(t.elapsed() >= COHORT_WAIT_MAX, "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn the_cohort_follows_the_last_fdatasync() {
+        let mut c = Cohort::default();
+        c.synced(64, Duration::from_millis(8));
+        assert_eq!((c.last, c.sync_time), (64, Duration::from_millis(2)));
+        c.synced(10, Duration::from_millis(8));
+        assert_eq!((c.last, c.sync_time), (10, Duration::from_micros(3500)));
+    }
+}
