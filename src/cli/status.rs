@@ -26,6 +26,7 @@ pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "active_sessions": s.active_sessions, "wal_segments": s.wal_segments, "wal_disk_bytes": s.wal_disk_bytes,
                 "wal_commits": s.wal_commits, "wal_records": s.wal_records, "compress_backlog": s.compress_backlog,
                 "outbox_events": s.outbox_events, "events_published": s.events_published, "open_fds": s.open_fds,
+                "process_cpu_seconds": s.process_cpu_seconds,
                 "rotations": {"size": s.rotations_size, "age": s.rotations_age, "idle": s.rotations_idle, "manual": s.rotations_manual},
             })
         );
@@ -61,5 +62,9 @@ pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         s.outbox_events, s.events_published, s.events_failed
     );
     println!("open fds:     {}", s.open_fds);
+    println!(
+        "cpu:          {:.2} s (user + system, since start)",
+        s.process_cpu_seconds
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -773,6 +773,7 @@ impl AdminService for AdminSvc {
             events_published: s.mirror.published.load(Ordering::Relaxed),
             events_failed: s.mirror.failed.load(Ordering::Relaxed),
             open_fds: crate::telemetry::fds::open_fds(),
+            process_cpu_seconds: crate::telemetry::cpu::process_cpu_seconds(),
         }))
     }
 

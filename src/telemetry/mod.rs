@@ -1,6 +1,8 @@
 //! Counters and their export: the stats every stage keeps ([`stats`], a
-//! leaf), the process's descriptor count and the Prometheus endpoint.
+//! leaf), the process's descriptor count and CPU time, and the Prometheus
+//! endpoint.
 
+pub(crate) mod cpu;
 pub(crate) mod fds;
 pub(crate) mod prometheus;
 pub(crate) mod stats;

@@ -1524,6 +1524,7 @@ async fn logd_status_prints_the_counters_of_a_running_server() {
         "compression:",
         "events:",
         "open fds:",
+        "cpu:",
     ] {
         assert!(stdout.contains(field), "{field} missing:\n{stdout}");
     }
@@ -1535,6 +1536,7 @@ async fn logd_status_prints_the_counters_of_a_running_server() {
     assert_eq!(v["frames_rejected"], 1);
     assert!(v["wal_commits"].as_u64().unwrap() > 0);
     assert!(v["open_fds"].as_u64().unwrap() > 0);
+    assert!(v["process_cpu_seconds"].as_f64().unwrap() > 0.0, "{v}");
     stop(&mut server).await;
 }
 
