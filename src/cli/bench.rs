@@ -1,6 +1,8 @@
 //! `logd bench`: a load generator that drives a running server with N
 //! concurrent streams over M sessions and reports durable-acked throughput,
-//! ack latency percentiles and the server's group-commit batch sizes.
+//! ack latency percentiles, the server's WAL fdatasyncs (frames per fsync,
+//! group-commit batch sizes) and the server's CPU per frame, all from the
+//! server's `GetStats` before and after the run.
 //!
 //! Latency is measured per frame from when it was handed to the stream to
 //! when the ack covering it arrived (bidi), or per call (stream, batch).
@@ -51,12 +53,33 @@ pub struct BenchReport {
     pub p999_ms: f64,
     /// Largest latency seen.
     pub max_ms: f64,
-    /// Group commits on the server during the run.
+    /// WAL fdatasyncs during the run: the delta of the server's
+    /// `wal_commits`, which `Unsynced::sync` (`wal/src/log.rs`) bumps once
+    /// per `fdatasync` of the WAL that made a non-empty batch durable, so one
+    /// commit = one fdatasync. Not counted: the syncs of a segment roll (the
+    /// sealed segment's fdatasync, the new segment's header and directory),
+    /// one set per segment filled.
+    pub wal_fsyncs: u64,
+    /// Acked frames per WAL fdatasync: `frames_acked / wal_fsyncs` (null
+    /// when there was none).
+    pub frames_per_fsync: Option<f64>,
+    /// Group commits on the server during the run (= `wal_fsyncs`; kept for
+    /// older readers of the JSON).
     pub server_commits: u64,
-    /// Records per group commit, on average.
+    /// WAL records per group commit, on average (records, not frames: the
+    /// WAL also holds non-frame records).
     pub server_records_per_commit: f64,
     /// Server commits by records per commit: `[low, high) → count`.
     pub server_batch_histogram: Vec<(u64, u64, u64)>,
+    /// The server's user + system CPU seconds (every thread, from
+    /// `GetStats.process_cpu_seconds`) from before the first frame until the
+    /// server went idle after the last ack (sampled every 250 ms until it
+    /// used < 10 ms of CPU in one interval, at most 5 s), so it covers the
+    /// session files written after the acks too. Null if the server does not
+    /// report its CPU.
+    pub server_cpu_seconds: Option<f64>,
+    /// `server_cpu_seconds` per acked frame, in microseconds.
+    pub server_cpu_us_per_frame: Option<f64>,
     /// Client errors (failed calls).
     pub errors: u64,
 }
@@ -166,6 +189,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         eprintln!();
     }
     let after = admin.get_stats(StatsRequest {}).await?.into_inner();
+    let idle = settle_cpu(&mut admin, &after).await?;
     let acked = shared.acked.load(Ordering::Relaxed);
     let report = make_report(
         &args,
@@ -174,6 +198,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         &hist,
         &before,
         &after,
+        &idle,
         shared.errors.load(Ordering::Relaxed),
     );
     if args.json {
@@ -184,6 +209,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     Ok(report)
 }
 
+/// Samples the server's stats every 250 ms from `after` (taken at the last
+/// ack) until its CPU time grows by less than 10 ms in one interval (it has
+/// finished writing the session files), at most 5 s; returns the last sample.
+async fn settle_cpu(admin: &mut AdminServiceClient<Channel>, after: &StatsResponse) -> anyhow::Result<StatsResponse> {
+    let mut last = after.clone();
+    for _ in 0..20 {
+        if last.process_cpu_seconds == 0.0 {
+            break; // a server that does not report its CPU
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = admin.get_stats(StatsRequest {}).await?.into_inner();
+        let grew = now.process_cpu_seconds - last.process_cpu_seconds;
+        last = now;
+        if grew < 0.010 {
+            break;
+        }
+    }
+    Ok(last)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn make_report(
     args: &BenchArgs,
     seconds: f64,
@@ -191,9 +237,14 @@ fn make_report(
     hist: &Histogram<u64>,
     before: &StatsResponse,
     after: &StatsResponse,
+    idle: &StatsResponse,
     errors: u64,
 ) -> BenchReport {
+    // WAL counters from the sample at the last ack; CPU from the one taken
+    // once the server went idle.
     let commits = after.wal_commits - before.wal_commits;
+    let server_cpu_seconds =
+        (idle.process_cpu_seconds > 0.0).then(|| (idle.process_cpu_seconds - before.process_cpu_seconds).max(0.0));
     let records = after.wal_records - before.wal_records;
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let server_batch_histogram = after
@@ -217,6 +268,8 @@ fn make_report(
         p99_ms: ms(0.99),
         p999_ms: ms(0.999),
         max_ms: hist.max() as f64 / 1000.0,
+        wal_fsyncs: commits,
+        frames_per_fsync: (commits > 0).then(|| acked as f64 / commits as f64),
         server_commits: commits,
         server_records_per_commit: if commits > 0 {
             records as f64 / commits as f64
@@ -224,6 +277,10 @@ fn make_report(
             0.0
         },
         server_batch_histogram,
+        server_cpu_seconds,
+        server_cpu_us_per_frame: server_cpu_seconds
+            .filter(|_| acked > 0)
+            .map(|cpu| cpu * 1e6 / acked as f64),
         errors,
     }
 }
@@ -244,10 +301,20 @@ fn print_report(r: &BenchReport) {
         r.p999_ms,
         r.max_ms
     );
-    println!(
-        "server group commits: {} ({:.1} records per commit, one write + one fdatasync each)",
-        r.server_commits, r.server_records_per_commit
-    );
+    match r.frames_per_fsync {
+        Some(f) => println!(
+            "server WAL fdatasyncs: {} ({f:.1} acked frames per fsync; group commits of {:.1} records on average, one write + one fdatasync each)",
+            r.wal_fsyncs, r.server_records_per_commit
+        ),
+        None => println!("server WAL fdatasyncs: 0"),
+    }
+    match (r.server_cpu_seconds, r.server_cpu_us_per_frame) {
+        (Some(cpu), Some(us)) => {
+            println!("server CPU: {cpu:.2} s user + system until idle after the last ack, {us:.2} µs per acked frame")
+        }
+        (Some(cpu), None) => println!("server CPU: {cpu:.2} s user + system"),
+        _ => println!("server CPU: not reported by the server"),
+    }
     for (lo, hi, n) in &r.server_batch_histogram {
         println!("  records/commit [{lo:>6}, {hi:>6}): {n}");
     }

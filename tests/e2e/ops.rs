@@ -1541,6 +1541,88 @@ async fn logd_status_prints_the_counters_of_a_running_server() {
 }
 
 #[tokio::test]
+async fn logd_bench_json_reports_wal_fsyncs_frames_per_fsync_and_server_cpu() {
+    let td = TestDir::new();
+    let mut server = Server::start(&td.log_dir(), &[]);
+    // 4 streams with one frame in flight each: an fdatasync can cover at
+    // most 4 frames.
+    let out = run_logd(
+        &[
+            "bench",
+            "--target",
+            &server.addr,
+            "--duration",
+            "0.5",
+            "--streams",
+            "4",
+            "--sessions",
+            "4",
+            "--window-frames",
+            "1",
+            "--json",
+        ],
+        &td.log_dir(),
+        &[],
+    );
+    assert!(out.status.success(), "logd bench: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let frames = v["frames_acked"].as_u64().unwrap();
+    let fsyncs = v["wal_fsyncs"].as_u64().unwrap();
+    assert!(frames > 0, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(fsyncs > 0, "{v}");
+    assert_eq!(v["server_commits"].as_u64(), Some(fsyncs), "the old field stays: {v}");
+    let per_fsync = v["frames_per_fsync"].as_f64().unwrap();
+    let want = frames as f64 / fsyncs as f64;
+    assert!(
+        (per_fsync - want).abs() <= 1e-9 * want,
+        "{per_fsync} != {frames} / {fsyncs}: {v}"
+    );
+    assert!(
+        per_fsync <= 4.0 + 1e-9,
+        "4 frames in flight, {per_fsync} per fsync: {v}"
+    );
+    let cpu = v["server_cpu_seconds"].as_f64().unwrap();
+    assert!(cpu > 0.0, "{v}");
+    let per_frame = v["server_cpu_us_per_frame"].as_f64().unwrap();
+    let want = cpu * 1e6 / frames as f64;
+    assert!(
+        (per_frame - want).abs() <= 1e-9 * want,
+        "{per_frame} != {cpu} s / {frames}: {v}"
+    );
+    let (p50, p99, p999, max) = (
+        v["p50_ms"].as_f64().unwrap(),
+        v["p99_ms"].as_f64().unwrap(),
+        v["p999_ms"].as_f64().unwrap(),
+        v["max_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= p999 && p999 <= max, "{v}");
+
+    // The human report says the same.
+    let out = run_logd(
+        &[
+            "bench",
+            "--target",
+            &server.addr,
+            "--duration",
+            "0.2",
+            "--streams",
+            "1",
+            "--sessions",
+            "1",
+        ],
+        &td.log_dir(),
+        &[],
+    );
+    assert!(out.status.success(), "logd bench: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("server WAL fdatasyncs: "), "{stdout}");
+    assert!(stdout.contains("acked frames per fsync"), "{stdout}");
+    assert!(stdout.contains("µs per acked frame"), "{stdout}");
+    stop(&mut server).await;
+}
+
+#[tokio::test]
 async fn every_client_subcommand_takes_host_port_or_a_url_and_names_a_bad_target_once() {
     let td = TestDir::new();
     let mut server = Server::start(&td.log_dir(), &[]);
