@@ -40,14 +40,20 @@ def load_raw(path):
 
 
 def normalize(rec):
-    """One run -> ops, ops/s, MB/s, latencies, CPU s, RSS KiB (None: n/a)."""
+    """One run -> ops, ops/s, MB/s, ops per fsync, latencies, CPU s, RSS KiB (None: n/a)."""
     t = rec.get("tool") or {}
+    e = rec.get("extra") or {}
     kind = rec["kind"]
-    out = {"ops": None, "ops_per_sec": None, "mb_per_sec": None, "p50_ms": None,
-           "p99_ms": None, "p999_ms": None, "cpu_s": rec.get("cpu_s"), "rss_kb": rec.get("rss_kb")}
+    out = {"ops": None, "ops_per_sec": None, "mb_per_sec": None, "ops_per_fsync": None, "p50_ms": None,
+           "p99_ms": None, "p999_ms": None, "cpu_s": rec.get("cpu_s"), "rss_kb": rec.get("rss_kb"),
+           "self_cpu_us_per_op": None}
     if kind == "logd":
         out.update(ops=t["frames_acked"], ops_per_sec=t["frames_per_sec"], mb_per_sec=t["mb_per_sec"],
-                   p50_ms=t["p50_ms"], p99_ms=t["p99_ms"], p999_ms=t["p999_ms"])
+                   p50_ms=t["p50_ms"], p99_ms=t["p99_ms"], p999_ms=t["p999_ms"],
+                   # WAL fdatasyncs from the server's stats (older logd: server_commits, the same count).
+                   ops_per_fsync=t["frames_per_fsync"] if "frames_per_fsync" in t
+                   else t["frames_acked"] / t["server_commits"] if t.get("server_commits") else None,
+                   self_cpu_us_per_op=t.get("server_cpu_us_per_frame"))
     elif kind in ("fcntl", "disk_sync"):
         out.update(ops=t["ops"], ops_per_sec=t["ops_per_sec"], mb_per_sec=t["mb_per_sec"],
                    p50_ms=t["p50_ms"], p99_ms=t["p99_ms"], p999_ms=t["p999_ms"])
@@ -57,6 +63,9 @@ def normalize(rec):
         ops = rec["extra"]["requests"]
         out.update(ops=ops, ops_per_sec=t["rps"], mb_per_sec=t["rps"] * rec["extra"]["payload_bytes"] / 1e6,
                    p50_ms=t.get("p50_ms"), p99_ms=t.get("p99_ms"))
+        if e.get("shim_fsyncs"):
+            # The shim counts every fsync of the server's life (a few besides the run's).
+            out.update(ops_per_fsync=ops / e["shim_fsyncs"])
     elif kind == "dd":
         out.update(ops=None, ops_per_sec=None, mb_per_sec=t["mb_per_sec"])
     else:
@@ -94,8 +103,10 @@ def aggregate(records):
                               "max": max(ops_s) if ops_s else None, "runs": ops_s}
         row["mb_per_sec"] = {"median": med(mbs), "min": min(mbs) if mbs else None,
                              "max": max(mbs) if mbs else None}
-        for q in ("p50_ms", "p99_ms", "p999_ms"):
+        for q in ("p50_ms", "p99_ms", "p999_ms", "ops_per_fsync"):
             row[q] = med([n[q] for n in norm])
+        # logd's own figure (GetStats' process CPU), next to the /proc one above.
+        row["self_cpu_us_per_op"] = med([n["self_cpu_us_per_op"] for n in norm])
         per_m = [n["cpu_s"] / n["ops"] * 1e6 for n in norm
                  if n["cpu_s"] is not None and n["ops"]]
         row["cpu_s_per_million_ops"] = med(per_m)
@@ -116,9 +127,12 @@ def notes(kind, runs):
     tools = [r.get("tool") or {} for r in runs]
     extras = [r.get("extra") or {} for r in runs]
     if kind == "logd":
-        rpc = med([t.get("server_records_per_commit") for t in tools])
-        if rpc is not None:
-            parts.append(f"{rpc:.0f} rec/commit")
+        w = med([t.get("window_frames") for t in tools])
+        if w is not None and w != 1024:
+            parts.append(f"window {w:.0f}")
+        self_cpu = med([t.get("server_cpu_us_per_frame") for t in tools])
+        if self_cpu is not None:
+            parts.append(f"GetStats CPU {flat(self_cpu)} µs/frame")
         errs = sum(t.get("errors", 0) for t in tools)
         if errs:
             parts.append(f"{errs} client errors")
@@ -138,6 +152,9 @@ def notes(kind, runs):
     elif kind == "redis":
         e = extras[0]
         parts.append(f"{e['requests']:,} req/run")
+        fs = [x.get("shim_fsyncs") for x in extras if x.get("shim_fsyncs") is not None]
+        if fs:
+            parts.append(f"shim delayed {med(fs):,.0f} syncs")
         parts.append("no p999 from redis-benchmark")
     elif kind == "disk_sync":
         parts.append("ops = write+fdatasync")
@@ -221,6 +238,68 @@ def compute_targets(rows):
     return out
 
 
+ISSUE14_W1 = "logd-256-s64x64-bidi-w1"
+ISSUE14_REDIS_W1 = "redis-always-c64-P1"
+ISSUE14_SLOW = "-slow10ms"
+
+
+def compute_issue14(rows, meta):
+    """Issue 14's targets, each measured side by side in this run."""
+    out = []
+
+    def add(target, name, value, goal, cmp, unit, rows_used):
+        out.append({"target": target, "name": name, "value": value, "goal": goal, "cmp": cmp, "unit": unit,
+                    "met": met(value, goal, cmp), "rows": rows_used})
+
+    def field(wid, f):
+        r = find(rows, wid)
+        if not r:
+            return None
+        v = r[f]
+        return v["median"] if isinstance(v, dict) else v
+
+    def div(a, b):
+        return None if a is None or not b else a / b
+
+    deep, w1, rw1 = "logd-256-s16x64-bidi", ISSUE14_W1, ISSUE14_REDIS_W1
+    slow, rslow = w1 + ISSUE14_SLOW, rw1 + ISSUE14_SLOW
+    # 1. many single-frame writers
+    add(1, f"{w1} ÷ {rw1} (frames/s ÷ req/s)", ratio(rows, w1, rw1), 2.0, ">=", "×", [w1, rw1])
+    add(1, f"{w1}: acked frames per WAL fsync", field(w1, "ops_per_fsync"), 40, ">=", "", [w1])
+    # 2. slow disks: the ideal is one fsync per shim delay covering every stream's frame
+    r = find(rows, slow)
+    us = streams = None
+    if r:
+        us = next((e.get("slow_fsync_us") for e in r["extra"] if e and e.get("slow_fsync_us")), None)
+        streams = next((t.get("streams") for t in r["tool"] if t and t.get("streams")), None)
+    ideal = streams * 1e6 / us if us and streams else None
+    fsync_ms = us / 1000 if us else None
+    add(2, f"{slow}: frames/s ÷ ideal ({fnum(ideal)}/s = {streams or '?'} frames per {fsync_ms or '?'} ms fsync)",
+        div(field(slow, "ops_per_sec"), ideal), 0.8, ">=", "×", [slow])
+    add(2, f"{slow}: ack p50 ÷ fsync delay", div(field(slow, "p50_ms"), fsync_ms), 2.0, "<=", "×", [slow])
+    add(2, f"{slow}: ack p99 ÷ fsync delay", div(field(slow, "p99_ms"), fsync_ms), 3.0, "<=", "×", [slow])
+    add(2, f"{slow}: acked frames per WAL fsync", field(slow, "ops_per_fsync"), None, None, "", [slow])
+    add(2, f"{slow} ÷ {rslow}", ratio(rows, slow, rslow), None, None, "×", [slow, rslow])
+    add(2, f"{deep}-slowfsync (+{meta.get('slow_fsync_us', '?')} µs per fsync) ÷ {deep}",
+        ratio(rows, deep + "-slowfsync", deep), 0.95, ">=", "×", [deep + "-slowfsync", deep])
+    # 3. latency under load
+    half = deep + "-halfrate"
+    for q, goal in (("p50", 1.0), ("p99", 5.0), ("p999", 20.0)):
+        add(3, f"{half}: ack {q}", field(half, f"{q}_ms"), goal, "<=", "ms", [half])
+    # 4. server CPU per frame (/proc/PID/stat of the server, the same measure for both)
+    add(4, f"server CPU per op: {deep} ÷ redis-always-P16",
+        div(field(deep, "cpu_s_per_million_ops"), field("redis-always-P16", "cpu_s_per_million_ops")),
+        0.4, "<=", "×", [deep, "redis-always-P16"])
+    add(4, f"server CPU per frame: {w1}", field(w1, "cpu_s_per_million_ops"), 10.0, "<=", "µs", [w1])
+    # 5. many sessions
+    many = "logd-256-s64x1000-bidi"
+    add(5, f"{many} ÷ {deep}", ratio(rows, many, deep), 0.75, ">=", "×", [many, deep])
+    add(5, f"{many}: server peak RSS", field(many, "peak_rss_mib"), 200, "<=", "MiB", [many])
+    # 6. keep the gains
+    add(6, f"{deep} ÷ redis-always-P16", ratio(rows, deep, "redis-always-P16"), 2.5, ">=", "×", [deep, "redis-always-P16"])
+    return out
+
+
 # --- formatting ------------------------------------------------------------
 
 
@@ -254,14 +333,14 @@ def fratio(v):
     return "—" if v is None else f"{v:.2f}×" if v < 10 else f"{v:.1f}×"
 
 
-def markdown(rows, ratios, targets, meta):
+def markdown(rows, ratios, targets, issue14, meta):
     lines = []
     lines.append(f"logd peer benchmark — {meta.get('date', '')} — {meta.get('mode', '')} run, "
                  f"{meta.get('runs', '?')} run(s) per row, host: {meta.get('cpu', '?')} × {meta.get('nproc', '?')}, "
                  f"kernel {meta.get('kernel', '?')}, fs {meta.get('fs', '?')}")
     lines.append("")
-    lines.append("| # | system | workload | ops/s median (min–max) | MB/s | p50 ms | p99 ms | p999 ms | server CPU s / M ops | peak RSS MiB | notes |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| # | system | workload | ops/s median (min–max) | MB/s | ops per fsync | p50 ms | p99 ms | p999 ms | server CPU s / M ops | peak RSS MiB | notes |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(rows, 1):
         o = r["ops_per_sec"]
         if o["median"] is None:
@@ -278,7 +357,8 @@ def markdown(rows, ratios, targets, meta):
         if r.get("errors"):
             note = (note + "; " if note else "") + f"{len(r['errors'])} failed run(s)"
         rss = None if r["peak_rss_mib"] is None else r["peak_rss_mib"]
-        lines.append(f"| {i} | {r['system']} | {r['workload']} | {ops} | {mbs} | {flat(r['p50_ms'])} | "
+        lines.append(f"| {i} | {r['system']} | {r['workload']} | {ops} | {mbs} | {flat(r['ops_per_fsync'])} | "
+                     f"{flat(r['p50_ms'])} | "
                      f"{flat(r['p99_ms'])} | {flat(r['p999_ms'])} | {flat(r['cpu_s_per_million_ops'])} | "
                      f"{fnum(rss, 1) if rss is not None else '—'} | {note} |")
     lines.append("")
@@ -297,6 +377,23 @@ def markdown(rows, ratios, targets, meta):
         m = "—" if x["met"] is None else ("yes" if x["met"] else "**no**")
         cmp = "≥" if x["cmp"] == ">=" else "≤"
         lines.append(f"| {x['name']} | {vs} {x['unit']} | {cmp} {x['target']:g} {x['unit']} | {m} |")
+    lines.append("")
+    lines.append("| issue 14 | measured | target | |")
+    lines.append("|---|---|---|---|")
+    for x in issue14:
+        v, u = x["value"], x["unit"]
+        if v is None:
+            vs = "not measured"
+        elif u == "×":
+            vs = fratio(v)
+        else:
+            vs = f"{flat(v)}{' ' + u if u else ''}"
+        if x["goal"] is None:
+            t = "—"
+        else:
+            t = f"{'≥' if x['cmp'] == '>=' else '≤'} {x['goal']:g}{'×' if u == '×' else ' ' + u if u else ''}"
+        m = "—" if x["met"] is None else ("PASS" if x["met"] else "**MISS**")
+        lines.append(f"| {x['target']}. {x['name']} | {vs} | {t} | {m} |")
     lines.append("")
     if meta.get("elapsed_seconds") is not None:
         lines.append(f"Run time {meta['elapsed_seconds'] / 60:.1f} min; command: `{meta.get('command', '')}`; "
@@ -342,9 +439,10 @@ def cmd_report(raw, meta_path, outdir):
     rows = aggregate(load_raw(raw))
     ratios = compute_ratios(rows)
     targets = compute_targets(rows)
-    md = markdown(rows, ratios, targets, meta)
+    issue14 = compute_issue14(rows, meta)
+    md = markdown(rows, ratios, targets, issue14, meta)
     with open(f"{outdir}/results.json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "ratios": ratios, "targets": targets}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "ratios": ratios, "targets": targets, "issue14": issue14}, f, indent=1)
         f.write("\n")
     with open(f"{outdir}/results.md", "w") as f:
         f.write(md)

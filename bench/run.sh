@@ -8,9 +8,10 @@
 #   - the old design: N forked writers appending under fcntl locks (bench/fcntl_writers.c)
 #   - Redis Streams: redis-server appendonly (appendfsync always / everysec) + redis-benchmark XADD
 #   - logd: release `logd serve` driven by `logd bench --json`
-# and prints one markdown table (medians of the runs, min–max, latency, server
-# CPU, peak RSS) followed by the ratios of issue 6. Everything it started is
-# stopped on exit (also on error or Ctrl-C).
+# and prints one markdown table (medians of the runs, min–max, ops per fsync,
+# latency, server CPU, peak RSS) followed by the ratios of issue 6 and the
+# targets of issue 14. Everything it started is stopped on exit (also on error
+# or Ctrl-C).
 #
 # Usage: bench/run.sh [--quick] [--runs N] [--no-build] [--filter REGEX] [--out DIR]
 # See bench/README.md.
@@ -35,7 +36,8 @@ environment:
                    must be on the disk you want to measure (not tmpfs)
   BENCH_LOGD_SECS, BENCH_FCNTL_SECS, BENCH_DISK_SECS, BENCH_REDIS_SECS, BENCH_DD_MIB
                    override the per-run durations / sizes
-  SLOW_FSYNC_US    delay the slow-disk shim adds to every fsync/fdatasync (default 1000)
+  SLOW_FSYNC_US    delay the slow-disk shim adds to every fsync/fdatasync in the
+                   *-slowfsync rows (default 1000; the *-slow10ms rows always use 10000)
 EOF
 }
 
@@ -78,7 +80,11 @@ else
 fi
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --runs must be a positive integer" >&2; exit 2; }
 SLOW_US=${SLOW_FSYNC_US:-1000}
+# The *-slow10ms rows (issue 14, target 2): a slow network disk, whatever
+# SLOW_FSYNC_US says.
+SLOW10_US=10000
 PAYLOAD_BYTES=256
+# redis-benchmark's clients in the rows that do not name their own count.
 REDIS_CLIENTS=50
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -386,13 +392,17 @@ free_port() {
     return 1
 }
 
-# redis_start DIR POLICY: sets SRV_PID and REDIS_PORT.
+# redis_start DIR POLICY [ENV...]: sets SRV_PID and REDIS_PORT. ENV (NAME=VALUE,
+# e.g. the slow-fsync shim's LD_PRELOAD) goes to redis-server's environment;
+# the shim, if preloaded, writes its count of delayed syncs to DIR/shim.
 redis_start() {
     local dir=$1 policy=$2 try i
+    shift 2
     mkdir -p "$dir"
     for ((try = 0; try < 3; try++)); do
         REDIS_PORT=$(free_port)
-        start_bg "$dir/redis.out" "$dir/redis.err" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
+        start_bg "$dir/redis.out" "$dir/redis.err" env SLOW_FSYNC_COUNT_FILE="$dir/shim" "$@" \
+            redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
             --protected-mode no --dir "$dir" --appendonly yes --appendfsync "$policy" --save '' \
             --daemonize no --logfile ''
         for ((i = 0; i < 200; i++)); do
@@ -408,37 +418,45 @@ redis_start() {
     return 1
 }
 
-redis_bench() { # PORT REQUESTS PIPELINE OUT_CSV
+redis_bench() { # PORT REQUESTS PIPELINE CLIENTS OUT_CSV
     local value
     value=$(printf '%*s' "$PAYLOAD_BYTES" '' | tr ' ' v)
-    timeout 600 redis-benchmark -h 127.0.0.1 -p "$1" -c "$REDIS_CLIENTS" -n "$2" -P "$3" --csv \
-        XADD bench:stream '*' payload "$value" >"$4" 2>"$4.err"
+    timeout 600 redis-benchmark -h 127.0.0.1 -p "$1" -c "$4" -n "$2" -P "$3" --csv \
+        XADD bench:stream '*' payload "$value" >"$5" 2>"$5.err"
 }
 
-redis_step() { # ID SYSTEM WORKLOAD KIND POLICY PIPELINE
-    local id=$1 system=$2 workload=$3 kind=$4 policy=$5 pipeline=$6 run d l n c0 c1 rss rps
+redis_step() { # ID SYSTEM WORKLOAD KIND POLICY PIPELINE [CLIENTS [ENV...]]
+    local id=$1 system=$2 workload=$3 kind=$4 policy=$5 pipeline=$6 clients=${7:-$REDIS_CLIENTS}
+    shift $(($# < 7 ? $# : 7))
+    local run d l n c0 c1 rss rps extra slow=$SLOW_US a
+    for a in "$@"; do
+        if [[ $a == SLOW_FSYNC_US=* ]]; then slow=${a#*=}; fi
+    done
     # Calibrate on a throwaway server: requests per run = REDIS_SECS at its rate.
     d="$WORK/$id-cal"
-    redis_start "$d" "$policy"
-    redis_bench "$REDIS_PORT" "$REDIS_CAL_N" "$pipeline" "$d/cal.csv"
+    redis_start "$d" "$policy" "$@"
+    redis_bench "$REDIS_PORT" "$REDIS_CAL_N" "$pipeline" "$clients" "$d/cal.csv"
     stop_server "$SRV_PID"
     rps=$(python3 "$HERE/report.py" redis-csv "$d/cal.csv" | python3 -c 'import json,sys; print(json.load(sys.stdin)["rps"])')
     n=$(awk -v r="$rps" -v s="$REDIS_SECS" 'BEGIN { n = int(r * s / 1000) * 1000; if (n < 10000) n = 10000; print n }')
     rm -rf "$d"
     for ((run = 1; run <= RUNS; run++)); do
         d="$WORK/$id-$run"
-        redis_start "$d" "$policy"
+        redis_start "$d" "$policy" "$@"
         sync
         l=$(load1)
         c0=$(cpu_ticks "$SRV_PID")
-        redis_bench "$REDIS_PORT" "$n" "$pipeline" "$d/bench.csv"
+        redis_bench "$REDIS_PORT" "$n" "$pipeline" "$clients" "$d/bench.csv"
         c1=$(cpu_ticks "$SRV_PID")
         rss=$(hwm_kb "$SRV_PID")
         stop_server "$SRV_PID"
         python3 "$HERE/report.py" redis-csv "$d/bench.csv" >"$d/out.json"
-        record "$id" "$system" "$workload" "$kind" "$run" "$(cpu_seconds "$c0" "$c1")" "$rss" "$l" \
-            "{\"requests\":$n,\"payload_bytes\":$PAYLOAD_BYTES,\"pipeline\":$pipeline,\"clients\":$REDIS_CLIENTS,\"appendfsync\":\"$policy\"}" \
-            "$d/out.json"
+        extra="{\"requests\":$n,\"payload_bytes\":$PAYLOAD_BYTES,\"pipeline\":$pipeline,\"clients\":$clients,\"appendfsync\":\"$policy\""
+        # The shim's count covers the whole server life (start, the run,
+        # shutdown): a few syncs more than the run's own.
+        [[ -s $d/shim ]] && extra+=",\"shim_fsyncs\":$(cat "$d/shim"),\"slow_fsync_us\":$slow"
+        extra+="}"
+        record "$id" "$system" "$workload" "$kind" "$run" "$(cpu_seconds "$c0" "$c1")" "$rss" "$l" "$extra" "$d/out.json"
         rm -rf "$d"
     done
 }
@@ -476,11 +494,21 @@ settle_cpu() {
     return 0
 }
 
-logd_step() { # ID SYSTEM WORKLOAD KIND STREAMS SESSIONS FRAME_BYTES RPC RATE [ENV...]
+# logd_step ID SYSTEM WORKLOAD KIND STREAMS SESSIONS FRAME_BYTES RPC RATE [ARG...]:
+# each ARG that starts with -- goes to `logd bench` (one word per flag, e.g.
+# --window-frames=1), every other one (NAME=VALUE) to the server's environment.
+logd_step() {
     local id=$1 system=$2 workload=$3 kind=$4 streams=$5 sessions=$6 frame=$7 rpc=$8 rate=$9
     shift 9
-    local run d l c0 c1 rss rot gz extra shim
-    local -a rate_flag=()
+    local run d l c0 c1 rss rot gz extra shim slow=$SLOW_US a
+    local -a rate_flag=() bench_flags=() server_env=()
+    for a in "$@"; do
+        case $a in
+            --*) bench_flags+=("$a") ;;
+            *) server_env+=("$a") ;;
+        esac
+        if [[ $a == SLOW_FSYNC_US=* ]]; then slow=${a#*=}; fi
+    done
     if [[ $rate == @half ]]; then
         rate=$(python3 "$HERE/report.py" median "$RAW" logd-256-s16x64-bidi ops_per_sec)
         rate=$(awk -v r="$rate" 'BEGIN { printf "%d", r / 2 }')
@@ -489,13 +517,14 @@ logd_step() { # ID SYSTEM WORKLOAD KIND STREAMS SESSIONS FRAME_BYTES RPC RATE [E
     [[ $rate != 0 ]] && rate_flag=(--rate "$rate")
     for ((run = 1; run <= RUNS; run++)); do
         d="$WORK/$id-$run"
-        logd_start "$d" "$@"
+        logd_start "$d" "${server_env[@]+"${server_env[@]}"}"
         sync
         l=$(load1)
         c0=$(cpu_ticks "$SRV_PID")
         timeout $((LOGD_SECS * 4 + 120)) "$LOGD" bench --target "http://$LOGD_ADDR" --streams "$streams" \
             --sessions "$sessions" --frame-bytes "$frame" --duration "$LOGD_SECS" --rpc "$rpc" \
-            --batch-frames 256 "${rate_flag[@]+"${rate_flag[@]}"}" --json >"$d/bench.json" 2>"$d/bench.err" ||
+            --batch-frames 256 "${rate_flag[@]+"${rate_flag[@]}"}" "${bench_flags[@]+"${bench_flags[@]}"}" \
+            --json >"$d/bench.json" 2>"$d/bench.err" ||
             { log "logd bench failed: $(tail -5 "$d/bench.err")"; return 1; }
         settle_cpu "$SRV_PID"
         c1=$(cpu_ticks "$SRV_PID")
@@ -507,7 +536,7 @@ logd_step() { # ID SYSTEM WORKLOAD KIND STREAMS SESSIONS FRAME_BYTES RPC RATE [E
         [[ $rate != 0 ]] && extra+=",\"rate\":$rate"
         if [[ -s $d/shim ]]; then
             shim=$(cat "$d/shim")
-            extra+=",\"shim_fsyncs\":$shim,\"slow_fsync_us\":$SLOW_US"
+            extra+=",\"shim_fsyncs\":$shim,\"slow_fsync_us\":$slow"
         fi
         extra+="}"
         record "$id" "$system" "$workload" "$kind" "$run" "$(cpu_seconds "$c0" "$c1")" "$rss" "$l" "$extra" "$d/bench.json"
@@ -535,10 +564,16 @@ run_step fcntl-n1-nosync "$O" "1 writer, lock+write per line, no fsync (not dura
 run_step fcntl-n16-nosync "$O" "16 writers, lock+write per line, no fsync (not durable)" fcntl fcntl_step 16 nosync
 
 R="Redis $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')"
-run_step redis-always-P16 "$R" "XADD 256 B, appendfsync always, 50 clients, pipeline 16" redis redis_step always 16
-run_step redis-always-P1 "$R" "XADD 256 B, appendfsync always, 50 clients, pipeline 1" redis redis_step always 1
-run_step redis-everysec-P16 "$R" "XADD 256 B, appendfsync everysec (not durable per op), pipeline 16" redis redis_step everysec 16
-run_step redis-everysec-P1 "$R" "XADD 256 B, appendfsync everysec (not durable per op), pipeline 1" redis redis_step everysec 1
+C=$REDIS_CLIENTS
+run_step redis-always-P16 "$R" "XADD 256 B, appendfsync always, $C clients, pipeline 16" redis redis_step always 16 "$C"
+run_step redis-always-P1 "$R" "XADD 256 B, appendfsync always, $C clients, pipeline 1" redis redis_step always 1 "$C"
+run_step redis-everysec-P16 "$R" "XADD 256 B, appendfsync everysec (not durable per op), $C clients, pipeline 16" redis redis_step everysec 16 "$C"
+run_step redis-everysec-P1 "$R" "XADD 256 B, appendfsync everysec (not durable per op), $C clients, pipeline 1" redis redis_step everysec 1 "$C"
+# Issue 14, targets 1 and 2: 64 single-request clients, as logd's 64 bidi
+# streams with one frame in flight each; and the same on a slow disk.
+run_step redis-always-c64-P1 "$R" "XADD 256 B, appendfsync always, 64 clients, pipeline 1" redis redis_step always 1 64
+run_step redis-always-c64-P1-slow10ms "$R" "XADD 256 B, appendfsync always, 64 clients, pipeline 1, every fsync +${SLOW10_US} µs (LD_PRELOAD shim)" \
+    redis redis_step always 1 64 LD_PRELOAD="$BIN/slow_fsync.so" SLOW_FSYNC_US="$SLOW10_US"
 
 G="logd"
 # The headline row first: the half-rate row derives its --rate from it.
@@ -554,6 +589,12 @@ run_step logd-4k-s16x64-bidi "$G" "4 KiB, 16 streams / 64 sessions, bidi" logd l
 run_step logd-256-s16x64-bidi-halfrate "$G" "256 B, 16/64 bidi at half the measured max rate (latency)" logd logd_step 16 64 256 bidi @half
 run_step logd-256-s16x64-bidi-slowfsync "$G" "256 B, 16/64 bidi, every fsync +${SLOW_US} µs (LD_PRELOAD shim)" logd logd_step 16 64 256 bidi 0 \
     LD_PRELOAD="$BIN/slow_fsync.so" SLOW_FSYNC_US="$SLOW_US"
+# Issue 14, targets 1 and 2: 64 writers with one frame in flight each (vs
+# redis-always-c64-P1*), on the disk as it is and with every fsync +10 ms.
+run_step logd-256-s64x64-bidi-w1 "$G" "256 B, 64 streams / 64 sessions, bidi, 1 frame in flight per stream" logd logd_step 64 64 256 bidi 0 \
+    --window-frames=1
+run_step logd-256-s64x64-bidi-w1-slow10ms "$G" "256 B, 64/64 bidi, 1 frame in flight per stream, every fsync +${SLOW10_US} µs (LD_PRELOAD shim)" \
+    logd logd_step 64 64 256 bidi 0 --window-frames=1 LD_PRELOAD="$BIN/slow_fsync.so" SLOW_FSYNC_US="$SLOW10_US"
 ROT=$((1 << 20))
 run_step logd-256-s16x64-bidi-rot-none "$G" "256 B, 16/64 bidi, rotating at 1 MiB, LOG_COMPRESSION=none" logd logd_step 16 64 256 bidi 0 \
     LOG_MAX_SIZE_BYTES=$ROT LOG_COMPRESSION=none

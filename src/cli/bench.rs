@@ -37,6 +37,8 @@ pub struct BenchReport {
     pub sessions: usize,
     /// Content bytes per frame.
     pub frame_bytes: usize,
+    /// Most frames a bidi stream keeps unacked (`--window-frames`).
+    pub window_frames: usize,
     /// Seconds from first send to last ack.
     pub seconds: f64,
     /// Frames acknowledged as durable.
@@ -260,6 +262,7 @@ fn make_report(
         streams: args.streams,
         sessions: args.sessions,
         frame_bytes: args.frame_bytes,
+        window_frames: args.window_frames.max(1),
         seconds,
         frames_acked: acked,
         frames_per_sec: acked as f64 / seconds,
