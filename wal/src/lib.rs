@@ -118,6 +118,7 @@ pub mod error;
 pub mod fs;
 pub mod group;
 pub mod log;
+pub mod read;
 pub mod record;
 pub mod segment;
 #[cfg(feature = "sim")]
@@ -125,10 +126,7 @@ pub mod sim;
 
 pub use error::{Error, Result};
 pub use group::{GroupCommit, Stage, Submitter, Written, sync_step, sync_steps, write_step};
-pub use log::{
-    CommitInfo, OpenReport, ReadSummary, SegmentInfo, Segments, TornTail, Unsynced, Wal, WalOptions, WalStats,
-    read_from, verify,
-};
-pub use log::{SalvageReport, salvage};
+pub use log::{CommitInfo, OpenReport, SegmentInfo, Segments, TornTail, Unsynced, Wal, WalOptions, WalStats};
+pub use read::{ReadSummary, SalvageReport, read_from, salvage, verify};
 pub use record::RecordType;
 pub use segment::{BadRecord, Damage, LostRange, RecordRef, SegmentScan};
