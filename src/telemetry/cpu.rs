@@ -24,26 +24,45 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
+    /// CPU time of the calling thread, in seconds.
+    fn thread_cpu_seconds() -> f64 {
+        // SAFETY: `clock_gettime` only writes the `timespec` it is given.
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        assert_eq!(
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) },
+            0
+        );
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    }
+
     #[test]
     fn process_cpu_seconds_grows_with_work_on_another_thread() {
         let before = process_cpu_seconds();
         assert!(before > 0.0, "a running process has used some CPU: {before}");
-        // Spin on another thread: the figure is the whole process's.
+        // Spin on another thread until it has used 100 ms of CPU by its own
+        // clock (not for a wall time: on a loaded machine 200 ms of wall
+        // time once gave it 4 ms of CPU). The figure is the whole process's.
         let spun = std::thread::spawn(|| {
             let t = Instant::now();
             let mut x = 0u64;
-            while t.elapsed() < Duration::from_millis(200) {
-                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            while thread_cpu_seconds() < 0.1 {
+                assert!(
+                    t.elapsed() < Duration::from_secs(120),
+                    "no CPU for the spinning thread in 120 s"
+                );
+                for _ in 0..1000 {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
             }
-            x
+            thread_cpu_seconds()
         });
-        spun.join().unwrap();
+        let spun_cpu = spun.join().unwrap();
         let after = process_cpu_seconds();
-        // 200 ms of spinning; on a loaded machine the thread may run less
-        // than its wall time, so ask for a quarter of it.
+        // getrusage and the thread clock count the same time, at microsecond
+        // resolution.
         assert!(
-            after - before >= 0.05,
-            "200 ms of spinning used only {:.3} s of CPU ({before} -> {after})",
+            after - before >= spun_cpu - 0.001,
+            "a thread used {spun_cpu:.3} s of CPU, the process's figure grew by {:.3} s ({before} -> {after})",
             after - before
         );
     }
