@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `logd` binary, real gRPC over TCP, real files.
 
+mod alerts;
 mod crash;
 mod events;
 mod failstop;

@@ -92,7 +92,7 @@ async fn batch(
 }
 
 /// `GET /metrics` over a plain TCP connection; returns the body.
-fn scrape(addr: &str) -> String {
+pub(crate) fn scrape(addr: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to metrics {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
@@ -182,7 +182,11 @@ async fn health(ch: &Channel, service: &str) -> Result<ServingStatus, tonic::Sta
 /// Spawns `cmd` (which is, or execs, `logd serve`), forwarding every stdout
 /// line to the returned receiver. The process is wrapped in a [`Server`] so
 /// it is stopped like util's, and killed on drop.
-fn spawn_logd(mut cmd: Command, log_dir: &Path, stderr_path: PathBuf) -> (Server, std_mpsc::Receiver<String>) {
+pub(crate) fn spawn_logd(
+    mut cmd: Command,
+    log_dir: &Path,
+    stderr_path: PathBuf,
+) -> (Server, std_mpsc::Receiver<String>) {
     cmd.stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr_path).unwrap());
     let mut child = cmd.spawn().expect("spawn logd");
@@ -205,7 +209,7 @@ fn spawn_logd(mut cmd: Command, log_dir: &Path, stderr_path: PathBuf) -> (Server
 }
 
 /// `logd serve` on `log_dir`, any free port, as util starts it.
-fn serve_command(log_dir: &Path, extra: &[(&str, &str)]) -> Command {
+pub(crate) fn serve_command(log_dir: &Path, extra: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(logd_bin());
     cmd.arg("serve")
         .env("LOG_DIR", log_dir)
@@ -219,7 +223,7 @@ fn serve_command(log_dir: &Path, extra: &[(&str, &str)]) -> Command {
 }
 
 /// Waits for the stdout line starting with `prefix`; returns the rest.
-fn wait_line(rx: &std_mpsc::Receiver<String>, prefix: &str, timeout: Duration, server: &Server) -> String {
+pub(crate) fn wait_line(rx: &std_mpsc::Receiver<String>, prefix: &str, timeout: Duration, server: &Server) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
