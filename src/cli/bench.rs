@@ -119,7 +119,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     );
     let admin_channel = connect(&args.target).await?;
     let mut admin = AdminServiceClient::new(admin_channel);
-    let before = admin.get_stats(StatsRequest {}).await?.into_inner();
+    let before = admin.get_stats(StatsRequest::default()).await?.into_inner();
     let run_id = format!(
         "{:x}",
         std::time::SystemTime::now()
@@ -190,7 +190,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     if progress {
         eprintln!();
     }
-    let after = admin.get_stats(StatsRequest {}).await?.into_inner();
+    let after = admin.get_stats(StatsRequest::default()).await?.into_inner();
     let idle = settle_cpu(&mut admin, &after).await?;
     let acked = shared.acked.load(Ordering::Relaxed);
     let report = make_report(
@@ -221,7 +221,7 @@ async fn settle_cpu(admin: &mut AdminServiceClient<Channel>, after: &StatsRespon
             break; // a server that does not report its CPU
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = admin.get_stats(StatsRequest {}).await?.into_inner();
+        let now = admin.get_stats(StatsRequest::default()).await?.into_inner();
         let grew = now.process_cpu_seconds - last.process_cpu_seconds;
         last = now;
         if grew < 0.010 {

@@ -14,7 +14,7 @@ pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let ch = channel(&args.target, None).await?;
     let mut client = crate::pb::admin_service_client::AdminServiceClient::with_interceptor(ch, bearer(&args.token)?);
     let s = client
-        .get_stats(crate::pb::StatsRequest {})
+        .get_stats(crate::pb::StatsRequest::default())
         .await
         .context("GetStats")?
         .into_inner();

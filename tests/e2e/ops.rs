@@ -731,7 +731,7 @@ async fn bearer_tokens_are_required_and_logd_send_with_a_token_prints_the_seq_ra
     }
     // The admin service is behind the same check; health is not (probes).
     let admin = logd::pb::admin_service_client::AdminServiceClient::new(ch.clone())
-        .get_stats(logd::pb::StatsRequest {})
+        .get_stats(logd::pb::StatsRequest::default())
         .await
         .expect_err("GetStats without a token");
     assert_eq!(admin.code(), Code::Unauthenticated);

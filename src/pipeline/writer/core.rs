@@ -228,6 +228,13 @@ impl SessionWriter {
         self.jobs.is_empty()
     }
 
+    /// The open file's last seq, size and start (wall clock ms; 0 until its
+    /// first write), for `logd status`; None while no file is open.
+    pub fn file_status(&self) -> Option<(i64, u64, u64)> {
+        let f = self.file.as_ref()?;
+        Some((f.last_seq(), f.size(), f.checkpoint().opened_at_ms))
+    }
+
     /// Lines were appended since the last fdatasync.
     pub fn dirty(&self) -> bool {
         self.dirty
