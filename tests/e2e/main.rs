@@ -9,6 +9,7 @@ mod fsync_real;
 mod hostile;
 mod ingest;
 mod lifecycle;
+mod operator;
 mod ops;
 mod recover;
 mod redis_server;

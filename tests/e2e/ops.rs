@@ -681,13 +681,65 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_client_ca() 
         .await
         .expect("client with the right certificate");
     assert_eq!(ok.frames_accepted, 1);
+
+    // Every client subcommand presents --tls-cert/--tls-key (or their env vars).
+    let (cert, key) = (td.dir.path().join("client.pem"), td.dir.path().join("client.key"));
+    std::fs::write(&cert, &pki.client.0).unwrap();
+    std::fs::write(&key, &pki.client.1).unwrap();
+    let https = format!("https://localhost:{}", hp.rsplit_once(':').unwrap().1);
+    let ca = pki.ca_path.to_str().unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    for sub in [
+        &["status"][..],
+        &["rotate", "--all"][..],
+        &["bench", "--duration", "0.2", "--streams", "1", "--sessions", "1"][..],
+    ] {
+        let mut args = sub.to_vec();
+        args.extend(["--target", &https, "--tls-ca", ca]);
+        let out = run_logd(
+            &args,
+            &td.log_dir(),
+            &[("LOGD_TLS_CLIENT_CERT", cert), ("LOGD_TLS_CLIENT_KEY", key)],
+        );
+        assert!(out.status.success(), "logd {args:?} with a client certificate: {out:?}");
+        let out = run_logd(&args, &td.log_dir(), &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "logd {args:?} without a client certificate: {out:?}"
+        );
+    }
+    let out = send_cli(
+        &td.log_dir(),
+        &[
+            "--target",
+            &https,
+            "--session",
+            "mtls-cli",
+            "--tls-ca",
+            ca,
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ],
+        "with a certificate\n",
+    );
+    assert!(out.status.success(), "logd send --tls-cert: {out:?}");
     stop(&mut server).await;
     let sessions = read_sessions(&td.log_dir());
-    assert_eq!(sessions.keys().collect::<Vec<_>>(), vec!["mtls-ok"]);
+    assert!(
+        sessions
+            .keys()
+            .all(|s| s == "mtls-ok" || s == "mtls-cli" || s.starts_with("bench-")),
+        "{sessions:?}"
+    );
+    assert_eq!(sessions["mtls-ok"].len(), 1);
+    assert_eq!(sessions["mtls-cli"].len(), 1);
 }
 
 /// Runs `logd send <args>` with `stdin` as its input.
-fn send_cli(log_dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+pub(crate) fn send_cli(log_dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     let mut cmd = Command::new(logd_bin());
     cmd.arg("send")
         .args(args)
