@@ -28,7 +28,7 @@ pub enum Command {
     Bench(BenchArgs),
     /// Ask a running server to rotate one session's file, or every active one.
     Rotate(RotateArgs),
-    /// Send lines from stdin (or a file) as frames; exit 0 only when all were acked.
+    /// Send lines (or JSON objects) from stdin or a file as frames; exit 0 only when none was rejected.
     Send(SendArgs),
     /// Show a running server's sessions, WAL, queues and outbox.
     Status(StatusArgs),
