@@ -148,10 +148,10 @@ fn session_json(x: &SessionStatus) -> serde_json::Value {
 }
 
 fn session_row(x: &SessionStatus) -> String {
-    let file = if x.open_file.is_empty() {
-        "(closed for a slot)"
-    } else {
-        &x.open_file
+    let file = match (x.open_file.is_empty(), x.file_bytes) {
+        (false, _) => &x.open_file,
+        (true, 0) => "(none: rotated, or no frame yet)",
+        (true, _) => "(closed for a slot)",
     };
     format!(
         "{:<32} {:>10} {:>12} {:>9} {:>9}  {file}",

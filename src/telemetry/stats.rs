@@ -63,7 +63,8 @@ pub struct DispatchStats {
 pub struct SessionCell {
     /// Highest seq written to the session's files.
     pub last_seq: AtomicI64,
-    /// Size of the open file (last known while closed).
+    /// Size of the open file; while it is closed for a slot, its last
+    /// size; 0 when no file holds lines (rotated, or none yet).
     pub file_bytes: AtomicU64,
     /// Wall clock (ms) when the open file was started; 0: no file open, or
     /// nothing written to it yet.

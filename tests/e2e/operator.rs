@@ -24,7 +24,9 @@ fn status_json(server: &Server, args: &[&str]) -> serde_json::Value {
 #[tokio::test]
 async fn logd_status_lists_the_largest_sessions_first_and_one_session_on_request() {
     let td = TestDir::new();
-    let mut server = Server::start(&td.log_dir(), &[]);
+    // Two open files at most: the third session's file closes the least
+    // recently used one ("big").
+    let mut server = Server::start(&td.log_dir(), &[("LOGD_OPEN_FILES_MAX", "2")]);
     let mut client = server.client().await;
     for (session, n) in [("big", 20), ("mid", 5), ("small", 1)] {
         let frames = (0..n)
@@ -32,13 +34,13 @@ async fn logd_status_lists_the_largest_sessions_first_and_one_session_on_request
             .collect();
         send_stream(&mut client, frames).await;
     }
-    // The writers publish their files' sizes after each step: poll.
+    // The writers publish their files' state after each step: poll.
     let deadline = Instant::now() + Duration::from_secs(30);
     let sessions = loop {
         let v = status_json(&server, &["--top", "10"]);
         let s = v["sessions"].as_array().unwrap().clone();
         let seqs: Vec<i64> = s.iter().map(|x| x["last_seq"].as_i64().unwrap()).collect();
-        if seqs == [20, 5, 1] && v["active_sessions"] == 3 {
+        if seqs == [20, 5, 1] && v["active_sessions"] == 3 && s[0]["open_file"].is_null() {
             break s;
         }
         assert!(Instant::now() < deadline, "sessions never settled: {v}");
@@ -51,12 +53,14 @@ async fn logd_status_lists_the_largest_sessions_first_and_one_session_on_request
         bytes[0] > bytes[1] && bytes[1] > bytes[2] && bytes[2] > 200,
         "{bytes:?}"
     );
-    for x in &sessions {
+    for x in &sessions[1..] {
         let name = x["session_id"].as_str().unwrap();
         assert_eq!(x["open_file"], format!("{name}.logtmp"), "{x}");
+        assert!(x["file_age_ms"].as_u64().unwrap() < 60_000, "{x}");
+    }
+    for x in &sessions {
         assert_eq!(x["active"], true);
         assert!(x["idle_ms"].as_u64().unwrap() < 60_000, "{x}");
-        assert!(x["file_age_ms"].as_u64().unwrap() < 60_000, "{x}");
     }
 
     // Text: a header saying how many are shown, then the rows.
@@ -67,12 +71,21 @@ async fn logd_status_lists_the_largest_sessions_first_and_one_session_on_request
         stdout.contains("2 of 3 active session(s), largest open file first:"),
         "{stdout}"
     );
-    let rows: Vec<&str> = stdout.lines().filter(|l| l.ends_with(".logtmp")).collect();
+    let rows: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("session "))
+        .skip(1)
+        .collect();
     assert_eq!(rows.len(), 2, "{stdout}");
     assert!(rows[0].starts_with("big ") && rows[0].contains(" 20 "), "{stdout}");
-    assert!(rows[1].starts_with("mid "), "{stdout}");
+    assert!(rows[0].ends_with("(closed for a slot)"), "{stdout}");
+    assert!(
+        rows[1].starts_with("mid ") && rows[1].ends_with("mid.logtmp"),
+        "{stdout}"
+    );
 
-    // One session, active or not.
+    // One session, active or not; a rotated one has no open file until
+    // its next frame, and keeps its last seq.
     let one = status_json(&server, &["--session", "small"]);
     assert_eq!(
         (one["session_id"].as_str(), one["last_seq"].as_i64()),
@@ -83,12 +96,36 @@ async fn logd_status_lists_the_largest_sessions_first_and_one_session_on_request
     assert_eq!(none["active"], false, "{none}");
     assert_eq!(none["last_seq"], 0, "{none}");
     let out = run_logd(
+        &["rotate", "--target", &server.addr, "--session", "mid"],
+        &td.log_dir(),
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    // The writer publishes its state just after it answered the rotation.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mid = loop {
+        let mid = status_json(&server, &["--session", "mid"]);
+        if mid["open_file"].is_null() || Instant::now() > deadline {
+            break mid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(mid["open_file"].is_null(), "{mid}");
+    assert_eq!(
+        (mid["last_seq"].as_i64(), mid["file_bytes"].as_u64()),
+        (Some(5), Some(0)),
+        "{mid}"
+    );
+    let out = run_logd(
         &["status", "--target", &server.addr, "--session", "mid"],
         &td.log_dir(),
         &[],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.starts_with("mid ") && stdout.contains("mid.logtmp"), "{stdout}");
+    assert!(
+        stdout.starts_with("mid ") && stdout.contains("(none: rotated, or no frame yet)"),
+        "{stdout}"
+    );
     server.stop_async().await;
 }
 

@@ -229,10 +229,14 @@ impl SessionWriter {
     }
 
     /// The open file's last seq, size and start (wall clock ms; 0 until its
-    /// first write), for `logd status`; None while no file is open.
-    pub fn file_status(&self) -> Option<(i64, u64, u64)> {
-        let f = self.file.as_ref()?;
-        Some((f.last_seq(), f.size(), f.checkpoint().opened_at_ms))
+    /// first write), for `logd status`; None while no file is open. The
+    /// bool: the file was closed for a slot while it held lines.
+    pub fn file_status(&self) -> (Option<(i64, u64, u64)>, bool) {
+        let open = self
+            .file
+            .as_ref()
+            .map(|f| (f.last_seq(), f.size(), f.checkpoint().opened_at_ms));
+        (open, self.closed_with_lines)
     }
 
     /// Lines were appended since the last fdatasync.

@@ -303,15 +303,20 @@ impl Shell {
         }
     }
 
-    /// Copies the file's state into the session's cell (`logd status`).
+    /// Copies the file's state into the session's cell (`logd status`): a
+    /// file closed for a slot keeps its last size, a rotated one has none.
     fn publish(&mut self) {
-        let status = self.core().file_status();
+        let (open, closed_with_lines) = self.core().file_status();
         let (c, l) = (&self.cell, Ordering::Relaxed);
-        c.file_open.store(status.is_some(), l);
-        if let Some((last_seq, bytes, opened_at_ms)) = status {
-            c.last_seq.store(last_seq, l);
-            c.file_bytes.store(bytes, l);
-            c.file_opened_at_ms.store(opened_at_ms, l);
+        c.file_open.store(open.is_some(), l);
+        match open {
+            Some((last_seq, bytes, opened_at_ms)) => {
+                c.last_seq.store(last_seq, l);
+                c.file_bytes.store(bytes, l);
+                c.file_opened_at_ms.store(opened_at_ms, l);
+            }
+            None if !closed_with_lines => c.file_bytes.store(0, l),
+            None => {}
         }
     }
 
