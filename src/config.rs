@@ -28,7 +28,7 @@ pub enum Command {
     Bench(BenchArgs),
     /// Ask a running server to rotate one session's file, or every active one.
     Rotate(RotateArgs),
-    /// Send lines from stdin (or a file) as frames; exit 0 only when all were acked.
+    /// Send lines (or JSON objects) from stdin or a file as frames; exit 0 only when none was rejected.
     Send(SendArgs),
     /// Show a running server's sessions, WAL, queues and outbox.
     Status(StatusArgs),
@@ -278,15 +278,49 @@ pub enum Compression {
     None,
 }
 
+/// How every client subcommand (`send`, `status`, `rotate`, `bench`) reaches
+/// the server: the same flags and environment variables for each.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection")]
+pub struct ClientArgs {
+    /// Server: `host:port` or `http://host:port` (plaintext), or
+    /// `https://host:port` (TLS, verified with the system's root
+    /// certificates, or --tls-ca).
+    #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// Bearer token, sent as `authorization: Bearer <token>`.
+    #[arg(long, env = "LOGD_AUTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify the server with instead of the
+    /// system's roots (needs an https:// target).
+    #[arg(long, env = "LOGD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS, with --tls-key (needs
+    /// an https:// target).
+    #[arg(long, env = "LOGD_TLS_CLIENT_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "LOGD_TLS_CLIENT_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
 /// Arguments of `logd rotate`.
 #[derive(Debug, Clone, Args)]
 pub struct RotateArgs {
-    /// Server to ask: `host:port` or `http://host:port` (plaintext), or
-    /// `https://host:port` (TLS, verified with the system's root certificates).
-    #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
-    pub target: String,
+    /// Which files: one session's, or every active one's.
+    #[command(flatten)]
+    pub which: RotateWhich,
+    /// Which server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// `--session S` or `--all`: exactly one.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct RotateWhich {
     /// The session to rotate.
-    #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+    #[arg(long)]
     pub session: Option<String>,
     /// Rotate every session with an open file.
     #[arg(long)]
@@ -395,10 +429,6 @@ pub enum BenchRpc {
 /// Arguments of `logd bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Server to drive: `host:port` or `http://host:port` (plaintext), or
-    /// `https://host:port` (TLS, verified with the system's root certificates).
-    #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
-    pub target: String,
     /// Concurrent gRPC streams (each on its own connection).
     #[arg(long, default_value_t = 16)]
     pub streams: usize,
@@ -428,47 +458,63 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Which server.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// Arguments of `logd send`.
 #[derive(Debug, Clone, Args)]
+#[command(override_usage = "logd send --session <SESSION> [OPTIONS] < lines\n       \
+                            logd send --json [--session <SESSION>] [OPTIONS] < json-lines")]
 pub struct SendArgs {
-    /// Server to send to: `host:port` or `http://host:port` (plaintext), or
-    /// `https://host:port` (TLS, verified with the system's root certificates or --tls-ca).
-    #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
-    pub target: String,
-    /// Session the lines go to.
-    #[arg(long)]
-    pub session: String,
-    /// Role of every frame.
+    /// Session the lines go to (with --json: of lines that name none).
+    #[arg(long, required_unless_present = "json")]
+    pub session: Option<String>,
+    /// Role of every frame (with --json: of lines that name none).
     #[arg(long, default_value = "")]
     pub role: String,
-    /// User of every frame.
+    /// User of every frame (with --json: of lines that name none).
     #[arg(long, default_value = "")]
     pub user: String,
+    /// Metadata `key=value` for every frame (repeatable; with --json,
+    /// merged under each line's own `metadata`).
+    #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
+    pub meta: Vec<(String, String)>,
+    /// Each line is one JSON object: `content` (a string; anything else is
+    /// sent as its JSON text), and optionally `session_id`, `role`,
+    /// `user_id`, `metadata` (an object), `time` (RFC 3339) and `seq`.
+    #[arg(long)]
+    pub json: bool,
     /// Read lines from this file instead of stdin.
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// Bearer token (or set LOGD_AUTH_TOKEN).
-    #[arg(long, env = "LOGD_AUTH_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// CA certificate (PEM) to verify the server with instead of the system's
-    /// roots (needs an https:// target).
-    #[arg(long, env = "LOGD_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
+    /// Which server.
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
 }
 
 /// Arguments of `logd status`.
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
-    /// Server to ask: `host:port` or `http://host:port` (plaintext), or
-    /// `https://host:port` (TLS, verified with the system's root certificates).
-    #[arg(long, env = "LOGD_TARGET", default_value = "http://127.0.0.1:50051")]
-    pub target: String,
-    /// Bearer token (or set LOGD_AUTH_TOKEN).
-    #[arg(long, env = "LOGD_AUTH_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    /// Show this session only (also when it has no open file).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Sessions to list, largest open file first (the server sends at most
+    /// 1,000).
+    #[arg(long, default_value_t = 20)]
+    pub top: u32,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Which server.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }

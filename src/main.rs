@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     match runtime.block_on(logd::cli::run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("logd: error: {}", logd::cli::error_line(&e));
+            logd::cli::print_error(&e);
             ExitCode::from(logd::cli::exit_code(&e))
         }
     }

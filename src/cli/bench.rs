@@ -19,12 +19,13 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
+use super::Authed;
 use crate::config::{BenchArgs, BenchRpc};
 use crate::pb::admin_service_client::AdminServiceClient;
 use crate::pb::log_service_client::LogServiceClient;
 use crate::pb::{LogBatch, LogFrame, StatsRequest, StatsResponse};
+use crate::telemetry::console::{errln, errtext, outln};
 
 /// The result of a run (`--json` prints it).
 #[derive(Debug, Serialize)]
@@ -86,14 +87,12 @@ pub struct BenchReport {
     pub errors: u64,
 }
 
-async fn connect(target: &str) -> anyhow::Result<Channel> {
-    crate::cli::target::endpoint(target)?
+async fn connect(client: &crate::config::ClientArgs) -> anyhow::Result<Authed> {
+    let ep = super::endpoint(client)?
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {target}"))
+        .initial_connection_window_size(Some(16 << 20));
+    super::connect_with(client, ep).await
 }
 
 fn frame(session: &str, content: &str) -> LogFrame {
@@ -117,9 +116,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         args.streams > 0 && args.sessions > 0,
         "--streams and --sessions must be > 0"
     );
-    let admin_channel = connect(&args.target).await?;
+    let admin_channel = connect(&args.client).await?;
     let mut admin = AdminServiceClient::new(admin_channel);
-    let before = admin.get_stats(StatsRequest {}).await?.into_inner();
+    let before = admin
+        .get_stats(StatsRequest::default())
+        .await
+        .context("GetStats")?
+        .into_inner();
     let run_id = format!(
         "{:x}",
         std::time::SystemTime::now()
@@ -144,7 +147,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         } else {
             vec![sessions[s % args.sessions].clone()]
         };
-        let channel = connect(&args.target).await?;
+        let channel = connect(&args.client).await?;
         let (args, shared, content) = (args.clone(), shared.clone(), content.clone());
         tasks.push(tokio::spawn(async move {
             let client = LogServiceClient::new(channel)
@@ -164,7 +167,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             while progress && !shared.stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = shared.acked.load(Ordering::Relaxed);
-                eprint!(
+                errtext!(
                     "\r{:>6.1}s  {:>10} acked  {:>9} frames/s   ",
                     started.elapsed().as_secs_f64(),
                     now,
@@ -180,7 +183,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             Ok(h) => hist.add(h)?,
             Err(e) => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
-                eprintln!("bench stream failed: {e:#}");
+                errln!("bench stream failed: {e:#}");
             }
         }
     }
@@ -188,9 +191,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     shared.stop.store(true, Ordering::Relaxed);
     ticker.abort();
     if progress {
-        eprintln!();
+        errln!("");
     }
-    let after = admin.get_stats(StatsRequest {}).await?.into_inner();
+    let after = admin
+        .get_stats(StatsRequest::default())
+        .await
+        .context("GetStats")?
+        .into_inner();
     let idle = settle_cpu(&mut admin, &after).await?;
     let acked = shared.acked.load(Ordering::Relaxed);
     let report = make_report(
@@ -204,7 +211,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         shared.errors.load(Ordering::Relaxed),
     );
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
         print_report(&report);
     }
@@ -214,14 +221,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
 /// Samples the server's stats every 250 ms from `after` (taken at the last
 /// ack) until its CPU time grows by less than 10 ms in one interval (it has
 /// finished writing the session files), at most 5 s; returns the last sample.
-async fn settle_cpu(admin: &mut AdminServiceClient<Channel>, after: &StatsResponse) -> anyhow::Result<StatsResponse> {
+async fn settle_cpu(admin: &mut AdminServiceClient<Authed>, after: &StatsResponse) -> anyhow::Result<StatsResponse> {
     let mut last = after.clone();
     for _ in 0..20 {
         if last.process_cpu_seconds == 0.0 {
             break; // a server that does not report its CPU
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let now = admin.get_stats(StatsRequest {}).await?.into_inner();
+        let now = admin
+            .get_stats(StatsRequest::default())
+            .await
+            .context("GetStats")?
+            .into_inner();
         let grew = now.process_cpu_seconds - last.process_cpu_seconds;
         last = now;
         if grew < 0.010 {
@@ -289,7 +300,7 @@ fn make_report(
 }
 
 fn print_report(r: &BenchReport) {
-    println!(
+    outln!(
         "{} streams={} sessions={} frame={}B: {} frames acked in {:.2}s = {:.0} frames/s, {:.1} MB/s; ack latency p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, max {:.3} ms",
         r.rpc,
         r.streams,
@@ -305,24 +316,25 @@ fn print_report(r: &BenchReport) {
         r.max_ms
     );
     match r.frames_per_fsync {
-        Some(f) => println!(
+        Some(f) => outln!(
             "server WAL fdatasyncs: {} ({f:.1} acked frames per fsync; group commits of {:.1} records on average, one write + one fdatasync each)",
-            r.wal_fsyncs, r.server_records_per_commit
+            r.wal_fsyncs,
+            r.server_records_per_commit
         ),
-        None => println!("server WAL fdatasyncs: 0"),
+        None => outln!("server WAL fdatasyncs: 0"),
     }
     match (r.server_cpu_seconds, r.server_cpu_us_per_frame) {
         (Some(cpu), Some(us)) => {
-            println!("server CPU: {cpu:.2} s user + system until idle after the last ack, {us:.2} µs per acked frame")
+            outln!("server CPU: {cpu:.2} s user + system until idle after the last ack, {us:.2} µs per acked frame")
         }
-        (Some(cpu), None) => println!("server CPU: {cpu:.2} s user + system"),
-        _ => println!("server CPU: not reported by the server"),
+        (Some(cpu), None) => outln!("server CPU: {cpu:.2} s user + system"),
+        _ => outln!("server CPU: not reported by the server"),
     }
     for (lo, hi, n) in &r.server_batch_histogram {
-        println!("  records/commit [{lo:>6}, {hi:>6}): {n}");
+        outln!("  records/commit [{lo:>6}, {hi:>6}): {n}");
     }
     if r.errors > 0 {
-        println!("errors: {}", r.errors);
+        outln!("errors: {}", r.errors);
     }
 }
 
@@ -349,7 +361,7 @@ impl Pacer {
 }
 
 async fn bidi(
-    mut client: LogServiceClient<Channel>,
+    mut client: LogServiceClient<Authed>,
     args: &BenchArgs,
     sessions: &[String],
     content: &str,
@@ -434,7 +446,7 @@ fn settle(
 }
 
 async fn calls(
-    mut client: LogServiceClient<Channel>,
+    mut client: LogServiceClient<Authed>,
     args: &BenchArgs,
     sessions: &[String],
     content: &str,

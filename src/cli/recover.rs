@@ -12,6 +12,7 @@ use wal::fs::RealFs;
 
 use crate::config::RecoverArgs;
 use crate::server::lock::{StateLock, create_dir_durably};
+use crate::telemetry::console::outln;
 
 fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
     if !enabled || !std::io::stderr().is_terminal() {
@@ -155,11 +156,11 @@ fn print_recovery(
             })),
             "elapsed_ms": report.elapsed.as_millis() as u64,
         });
-        println!("{out}");
+        outln!("{out}");
         return;
     }
     let verb = if args.dry_run { "would replay" } else { "replayed" };
-    println!(
+    outln!(
         "{}: {} segment(s) scanned, {} record(s) read, {} {verb}, {} already materialized, {} segment(s) {}, in {:.3}s",
         if args.dry_run {
             "dry run (nothing changed)"
@@ -180,7 +181,7 @@ fn print_recovery(
         } else {
             "truncated"
         };
-        println!(
+        outln!(
             "torn WAL tail {verb}: {} at offset {}, {} byte(s) ({})",
             t.segment.display(),
             t.offset,
@@ -191,14 +192,14 @@ fn print_recovery(
     let l = &replayer.lifecycle;
     let finish = if args.dry_run { "would finish" } else { "finished" };
     for f in &l.rotations_finished {
-        println!("{finish} an interrupted rotation: {f}");
+        outln!("{finish} an interrupted rotation: {f}");
     }
     for f in &l.compressions_finished {
-        println!("{finish} an interrupted compression: {f}.gz");
+        outln!("{finish} an interrupted compression: {f}.gz");
     }
     let left = replayer.compressions_left();
     if !left.is_empty() {
-        println!(
+        outln!(
             "{} compression(s) {} unfinished: {}",
             left.len(),
             if args.dry_run { "would stay" } else { "stay" },
@@ -206,52 +207,53 @@ fn print_recovery(
         );
     }
     for f in &l.foreign_files_moved {
-        println!("moved a foreign file at a session file's name aside (not logd's; never written through): {f}");
+        outln!("moved a foreign file at a session file's name aside (not logd's; never written through): {f}");
     }
     for f in &l.empty_files_removed {
         let verb = if args.dry_run { "would remove" } else { "removed" };
-        println!("{verb} an empty session file without frames: {f}");
+        outln!("{verb} an empty session file without frames: {f}");
     }
     if l.meta_rebuilt {
         if args.dry_run {
-            println!("the metadata store holds no checkpoints: it would be rebuilt from the files");
+            outln!("the metadata store holds no checkpoints: it would be rebuilt from the files");
         } else {
-            println!(
+            outln!(
                 "metadata store rebuilt from the files: {} event(s) re-announced, {} compression(s) queued",
-                l.events_reemitted, l.compressions_queued
+                l.events_reemitted,
+                l.compressions_queued
             );
         }
     }
     if l.events_recorded > 0 || outbox_events > 0 {
         if args.dry_run {
-            println!(
+            outln!(
                 "events: {} would be recorded; {outbox_events} would wait in the outbox for the Redis mirror \
                  (`logd serve` sends them)",
                 l.events_recorded
             );
         } else {
-            println!(
+            outln!(
                 "events: {} recorded; {outbox_events} wait in the outbox for the Redis mirror (`logd serve` sends them)",
                 l.events_recorded
             );
         }
     }
     if let Some(to) = meta_aside {
-        println!("metadata store moved aside to {} and rebuilt", to.display());
+        outln!("metadata store moved aside to {} and rebuilt", to.display());
     }
     if let Some(to) = &report.moved_aside_to {
         if args.dry_run {
-            println!(
+            outln!(
                 "salvage: the damaged WAL would be moved aside to {} (not deleted)",
                 to.display()
             );
         } else {
-            println!("salvage: damaged WAL moved aside to {} (not deleted)", to.display());
+            outln!("salvage: damaged WAL moved aside to {} (not deleted)", to.display());
         }
         for l in &report.lost {
             let (lost, in_files) = split_lost(l, materialized_below);
             if range_loses(l, materialized_below) {
-                println!(
+                outln!(
                     "  LOST: {} bytes at offset {} of {} (LSNs {}..{}): {lost} record(s) in no session file{}: {}",
                     l.bytes,
                     l.offset,
@@ -266,7 +268,7 @@ fn print_recovery(
                     l.why
                 );
             } else {
-                println!(
+                outln!(
                     "  damaged, not lost: {} bytes at offset {} of {} (LSNs {}..{}): its {in_files} record(s) \
                      were already in session files: {}",
                     l.bytes,
@@ -278,7 +280,7 @@ fn print_recovery(
                 );
             }
         }
-        println!(
+        outln!(
             "salvage: {records_lost} record(s) {}; {records_in_files} damaged record(s) were already in session files \
              (not lost)",
             if args.dry_run { "would be lost" } else { "lost" }
@@ -286,9 +288,11 @@ fn print_recovery(
     }
     for (session, s) in &replayer.per_session {
         if s.replayed > 0 || s.bytes_trimmed > 0 {
-            println!(
+            outln!(
                 "  session {session}: {} {verb}, {} skipped, {} byte(s) trimmed",
-                s.replayed, s.skipped, s.bytes_trimmed
+                s.replayed,
+                s.skipped,
+                s.bytes_trimmed
             );
         }
     }

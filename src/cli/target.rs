@@ -1,5 +1,5 @@
 //! The server address every client subcommand (`send`, `status`, `rotate`,
-//! `bench`) takes as `--target`: `host:port` (plaintext), `http://host:port`
+//! `bench`) takes as `--target` (with `--tls-ca`, `--tls-cert`/`--tls-key`): `host:port` (plaintext), `http://host:port`
 //! (plaintext) or `https://host:port` (TLS, verifying the server against the
 //! system's root certificates unless the caller supplies a CA). One parser
 //! for all of them, with one clear error for anything else.
@@ -21,6 +21,12 @@ pub enum TargetError {
     /// A CA to verify the server with, but a plaintext target.
     #[error("--tls-ca needs an https:// target, not {target:?}")]
     CaWithoutTls {
+        /// The target as given.
+        target: String,
+    },
+    /// A client certificate, but a plaintext target.
+    #[error("--tls-cert needs an https:// target, not {target:?}")]
+    CertWithoutTls {
         /// The target as given.
         target: String,
     },
@@ -75,6 +81,7 @@ fn parse(target: &str) -> Result<Target, TargetError> {
 
 /// The endpoint for `target`: plaintext for `host:port` and `http://`, TLS
 /// with the system's root certificates for `https://`.
+#[cfg(test)]
 pub fn endpoint(target: &str) -> Result<Endpoint, TargetError> {
     endpoint_with_ca(target, None)
 }
@@ -82,23 +89,37 @@ pub fn endpoint(target: &str) -> Result<Endpoint, TargetError> {
 /// Like [`endpoint`], but an `https://` server is verified against `ca_pem`
 /// (PEM) instead of the system's roots. A CA with a plaintext target is an
 /// error rather than silently unused.
+#[cfg(test)]
 pub fn endpoint_with_ca(target: &str, ca_pem: Option<&[u8]>) -> Result<Endpoint, TargetError> {
+    endpoint_with_tls(target, ca_pem, None)
+}
+
+/// Like [`endpoint_with_ca`], and with a client certificate chain and its
+/// key (`identity_pem`, both PEM) for mutual TLS.
+pub fn endpoint_with_tls(
+    target: &str,
+    ca_pem: Option<&[u8]>,
+    identity_pem: Option<(&[u8], &[u8])>,
+) -> Result<Endpoint, TargetError> {
     let t = parse(target)?;
     let ep = Endpoint::from_shared(t.uri).map_err(|_| TargetError::Malformed {
         target: target.to_owned(),
     })?;
     if !t.tls {
-        return match ca_pem {
-            Some(_) => Err(TargetError::CaWithoutTls {
-                target: target.to_owned(),
-            }),
-            None => Ok(ep),
+        let target = target.to_owned();
+        return match (ca_pem, identity_pem) {
+            (Some(_), _) => Err(TargetError::CaWithoutTls { target }),
+            (None, Some(_)) => Err(TargetError::CertWithoutTls { target }),
+            (None, None) => Ok(ep),
         };
     }
-    let tls = match ca_pem {
+    let mut tls = match ca_pem {
         Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
         None => ClientTlsConfig::new().with_enabled_roots(),
     };
+    if let Some((cert, key)) = identity_pem {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
     ep.tls_config(tls).map_err(|source| TargetError::Tls {
         target: target.to_owned(),
         source,
@@ -193,6 +214,11 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "--tls-ca needs an https:// target, not \"127.0.0.1:50051\""
+        );
+        let err = endpoint_with_tls("127.0.0.1:50051", None, Some((b"", b""))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--tls-cert needs an https:// target, not \"127.0.0.1:50051\""
         );
     }
 }

@@ -7,6 +7,7 @@ use wal::fs::RealFs;
 use wal::{Damage, SegmentScan};
 
 use crate::config::{WalArgs, WalCommand};
+use crate::telemetry::console::outln;
 
 fn scan_json(s: &SegmentScan) -> serde_json::Value {
     let damage = match &s.damage {
@@ -41,14 +42,18 @@ pub(super) fn wal_command(command: WalCommand) -> anyhow::Result<ExitCode> {
     let scans = wal::verify(&RealFs, &dir, opts.record_bytes_max)?;
     let corrupt = scans.iter().any(|s| matches!(s.damage, Some(Damage::Corrupt { .. })));
     if args.json {
-        println!(
+        outln!(
             "{}",
             json!({"wal_dir": dir, "segments": scans.iter().map(scan_json).collect::<Vec<_>>(), "ok": !corrupt})
         );
     } else {
-        println!(
+        outln!(
             "{:<24} {:>12} {:>12} {:>10} {:>12}  status",
-            "segment", "first_lsn", "last_lsn", "records", "bytes"
+            "segment",
+            "first_lsn",
+            "last_lsn",
+            "records",
+            "bytes"
         );
         for s in &scans {
             let name = s
@@ -73,9 +78,11 @@ pub(super) fn wal_command(command: WalCommand) -> anyhow::Result<ExitCode> {
                     format!("CORRUPT at {offset}: {why}; {records_after} valid record(s) after")
                 }
             };
-            println!(
+            outln!(
                 "{name:<24} {:>12} {last:>12} {:>10} {:>12}  {status}",
-                s.first_lsn, s.records, s.file_len
+                s.first_lsn,
+                s.records,
+                s.file_len
             );
         }
     }

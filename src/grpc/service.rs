@@ -22,7 +22,7 @@ use crate::pb::admin_service_server::AdminService;
 use crate::pb::log_service_server::LogService;
 use crate::pb::{
     LogBatch, LogFrame, Rejection, RotateRequest, RotateResponse, SessionInfo, SessionRange, SessionRequest,
-    StatsRequest, StatsResponse, WriteLogAck, WriteLogResponse,
+    SessionStatus, StatsRequest, StatsResponse, WriteLogAck, WriteLogResponse,
 };
 use crate::pipeline::sequencer::{IngestError, IngestReply, IngestRequest, Outcome};
 use crate::pipeline::writer::Control;
@@ -731,6 +731,33 @@ async fn ack_one(
         .map_err(|_| Status::cancelled("client went away"))
 }
 
+/// Sessions a stats response lists, at most.
+const STATS_SESSIONS_MAX: usize = 1000;
+
+/// The sessions a [`StatsRequest`] asks for (see `admin.proto`).
+fn session_statuses(board: &crate::telemetry::stats::SessionBoard, req: &StatsRequest) -> Vec<SessionStatus> {
+    let only = (!req.session_id.is_empty()).then_some(req.session_id.as_str());
+    let top = (req.sessions_top as usize).min(STATS_SESSIONS_MAX);
+    if only.is_none() && top == 0 {
+        return Vec::new();
+    }
+    let now = store::now_ms();
+    let since = |t: u64| if t == 0 { 0 } else { now.saturating_sub(t) };
+    let logtmp = |s: &str| store::logtmp_path(std::path::Path::new(""), s).display().to_string();
+    board
+        .snapshot(top, only)
+        .into_iter()
+        .map(|x| SessionStatus {
+            open_file: if x.file_open { logtmp(&x.session) } else { String::new() },
+            last_seq: x.last_seq,
+            file_bytes: x.file_bytes,
+            file_age_ms: if x.file_open { since(x.file_opened_at_ms) } else { 0 },
+            idle_ms: since(x.last_frame_at_ms),
+            session_id: x.session,
+        })
+        .collect()
+}
+
 /// The AdminService implementation.
 pub struct AdminSvc {
     /// Shared state, once recovery is done.
@@ -739,7 +766,8 @@ pub struct AdminSvc {
 
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
-    async fn get_stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+    async fn get_stats(&self, request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let req = request.into_inner();
         let s = &self.ready.get()?;
         let w = &s.wal_stats;
         let segs = s.segments.list();
@@ -774,6 +802,7 @@ impl AdminService for AdminSvc {
             events_failed: s.mirror.failed.load(Ordering::Relaxed),
             open_fds: crate::telemetry::fds::open_fds(),
             process_cpu_seconds: crate::telemetry::cpu::process_cpu_seconds(),
+            sessions: session_statuses(&s.dispatch.sessions, &req),
         }))
     }
 

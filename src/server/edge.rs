@@ -18,6 +18,7 @@ use crate::grpc::conn::limited_incoming;
 use crate::grpc::service::{AdminSvc, LogSvc, Ready, Shared};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::log_service_server::LogServiceServer;
+use crate::telemetry::console::outln;
 use crate::telemetry::prometheus::Metrics;
 
 /// The running edge: the gRPC server and the tasks beside it.
@@ -31,6 +32,8 @@ pub(super) struct Edge {
     /// The Prometheus endpoint, unless `off`.
     pub metrics_server: Option<JoinHandle<std::io::Result<()>>>,
     health: tonic_health::server::HealthReporter,
+    /// `logd_serving`: 1 from ready until shutdown begins.
+    serving: prometheus::IntGauge,
     ready: Ready,
 }
 
@@ -110,7 +113,7 @@ pub(super) async fn start_edge(
                 Duration::from_millis(args.handshake_timeout_ms),
                 metrics.errors.with_label_values(&["handshake_timeout"]),
             ),
-            stop_serving(health.clone(), lifelines.clone()),
+            stop_serving(health.clone(), metrics.serving.clone(), lifelines.clone()),
         );
     let server = tokio::spawn(server);
     Ok(Edge {
@@ -119,6 +122,7 @@ pub(super) async fn start_edge(
         reloader,
         metrics_server,
         health,
+        serving: metrics.serving.clone(),
         ready,
     })
 }
@@ -135,7 +139,7 @@ async fn start_metrics(
     let l = tokio::net::TcpListener::bind(&args.metrics_listen)
         .await
         .with_context(|| format!("binding LOGD_METRICS_LISTEN {}", args.metrics_listen))?;
-    println!("logd: metrics on {}", l.local_addr()?);
+    outln!("logd: metrics on {}", l.local_addr()?);
     Ok(Some(tokio::spawn(crate::telemetry::prometheus::serve(
         l,
         metrics.clone(),
@@ -145,16 +149,22 @@ async fn start_metrics(
 
 /// Resolves on SIGINT/SIGTERM or a fatal failure: health goes NOT_SERVING
 /// and the shutdown token is cancelled (streams settle and end).
-async fn stop_serving(health: tonic_health::server::HealthReporter, lifelines: Lifelines) {
+async fn stop_serving(
+    health: tonic_health::server::HealthReporter,
+    serving: prometheus::IntGauge,
+    lifelines: Lifelines,
+) {
     tokio::select! {
         _ = shutdown_signal() => {}
         _ = lifelines.fatal.cancelled() => {}
     }
+    serving.set(0);
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
     health.set_not_serving::<LogServiceServer<LogSvc>>().await;
     lifelines.shutdown.cancel();
+    serving.set(0); // again: `set_ready` may have looked just before the cancel
 }
 
 impl Edge {
@@ -163,6 +173,7 @@ impl Edge {
     pub async fn set_ready(&self, shared: Shared, shutdown: &CancellationToken) {
         self.ready.set(shared);
         if !shutdown.is_cancelled() {
+            self.serving.set(1);
             self.health.set_serving::<LogServiceServer<LogSvc>>().await;
             self.health
                 .set_service_status("", tonic_health::ServingStatus::Serving)

@@ -24,6 +24,7 @@ mod recover;
 mod start;
 
 use crate::config::ServeArgs;
+use crate::telemetry::console::outln;
 use crate::telemetry::prometheus::Metrics;
 use edge::{Edge, EdgeSetup, start_edge};
 use lock::{StateLock, create_dir_durably};
@@ -143,12 +144,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Scripts and tests wait for "listening on"; it is printed once the
     // service is ready. Health checks can reach the port before that.
     let addr = edge.addr;
-    println!("logd: recovering on {addr}");
+    outln!("logd: recovering on {addr}");
     info!(%addr, log_dir = %args.store.log_dir.display(), tls = args.tls_cert.is_some(), "listening; recovering before serving");
     let recovered = recover(&args, &state, &metrics).await?;
     let (pipeline, shared) = start_pipeline(&args, &state, recovered, &metrics, &lifelines);
     edge.set_ready(shared, &lifelines.shutdown).await;
-    println!("logd: listening on {addr}");
+    outln!("logd: listening on {addr}");
     shut_down(edge, pipeline, &lifelines).await
 }
 

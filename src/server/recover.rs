@@ -24,6 +24,8 @@ pub(super) struct Recovered {
 
 /// Runs the recovery pass on a blocking thread.
 pub(super) async fn recover(args: &ServeArgs, state: &State, metrics: &Metrics) -> anyhow::Result<Recovered> {
+    // Tests hold the service in recovery with `FAILPOINTS=recover::start=sleep(ms)`.
+    fail::fail_point!("recover::start");
     let store = &args.store;
     let opts = recovery::PassOptions {
         fs: state.fs.clone(),

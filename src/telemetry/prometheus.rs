@@ -4,6 +4,13 @@
 //! Event-time measurements (latencies, batch sizes, rejections) are recorded
 //! where they happen; counters that other components already keep as
 //! atomics are copied into the registry when it is scraped.
+//!
+//! Every labelled counter exists from the start, at 0 for each known label
+//! ([`ERROR_KINDS`], [`REJECT_REASONS`]): a series that appears only with
+//! its first error is invisible to `increase()`, so an alert on it would
+//! never fire on that first error. `logd_serving` says whether the gRPC
+//! services serve (0 while recovering and while draining), which `up`
+//! cannot: `/metrics` answers during both.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,6 +21,22 @@ use prometheus::{
 };
 
 use crate::telemetry::stats::{DispatchStats, IngestStats, MirrorStats};
+
+/// Every `kind` of `logd_errors_total`, each exported from the start at 0.
+pub const ERROR_KINDS: &[&str] = &[
+    "overloaded",
+    "disk_low",
+    "wal_unavailable",
+    "sessions_active_max",
+    "handshake_timeout",
+];
+
+/// Every `reason` of `logd_frames_rejected_total` (the validation rules and
+/// `session_file`), each exported from the start at 0.
+pub const REJECT_REASONS: &[&str] = &["session_id", "version", "seq", "time", "size", "session_file"];
+
+/// Every `reason` of `logd_rotations_total`, in [`DispatchStats::rotations`] order.
+const ROTATE_REASONS: [&str; 4] = ["size", "age", "idle", "manual"];
 
 /// Every metric of the process.
 pub struct Metrics {
@@ -69,6 +92,8 @@ pub struct Metrics {
     seq_cache_sessions: IntGauge,
     rotations_deferred: IntCounter,
     seq_cache_evictions: IntCounter,
+    /// 1 while the gRPC services serve; 0 while recovering and draining.
+    pub serving: IntGauge,
     sources: std::sync::OnceLock<Sources>,
 }
 
@@ -130,7 +155,17 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let secs = exponential_buckets(0.000_025, 2.0, 18).expect("buckets");
-        Metrics {
+        let build_info = IntGauge::with_opts(
+            Opts::new(
+                "logd_build_info",
+                "Always 1; the version of the running binary is its label.",
+            )
+            .const_label("version", env!("CARGO_PKG_VERSION")),
+        )
+        .expect("valid metric");
+        r.register(Box::new(build_info.clone())).expect("unique metric");
+        build_info.set(1);
+        let m = Metrics {
             frames_received: counter(&r, "logd_frames_received_total", "Frames read from client streams."),
             frames_accepted: counter(&r, "logd_frames_accepted_total", "Frames made durable in the WAL."),
             frames_duplicate: counter(&r, "logd_frames_duplicate_total", "Frames dropped: seq already held."),
@@ -248,9 +283,24 @@ impl Metrics {
                 "logd_rotations_deferred_total",
                 "Rotation attempts put off because the event outbox held LOGD_OUTBOX_EVENTS_MAX events.",
             ),
+            serving: gauge(
+                &r,
+                "logd_serving",
+                "1 while the gRPC services serve; 0 while recovering (health NOT_SERVING) and while draining.",
+            ),
             registry: r,
             sources: std::sync::OnceLock::new(),
+        };
+        for kind in ERROR_KINDS {
+            m.errors.with_label_values(&[kind]);
         }
+        for reason in REJECT_REASONS {
+            m.frames_rejected.with_label_values(&[reason]);
+        }
+        for reason in ROTATE_REASONS {
+            m.rotations.with_label_values(&[reason]);
+        }
+        m
     }
 
     /// Connects the atomics copied at scrape time.
@@ -291,7 +341,7 @@ impl Metrics {
             .set(segs.iter().map(|x| x.bytes).sum::<u64>() as i64);
         let d = &s.dispatch;
         self.active_sessions.set(d.active_sessions.load(l) as i64);
-        for (i, reason) in ["size", "age", "idle", "manual"].iter().enumerate() {
+        for (i, reason) in ROTATE_REASONS.iter().enumerate() {
             catch_up(&self.rotations.with_label_values(&[reason]), d.rotations[i].load(l));
         }
         catch_up(&self.evictions, d.evictions.load(l));
@@ -337,4 +387,67 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The label values the code passes to `metric.with_label_values(&["…"])`
+    /// for a metric field named `field`, found in the source of `src/`.
+    fn labels_used(field: &str) -> std::collections::BTreeSet<String> {
+        let mut found = std::collections::BTreeSet::new();
+        let mut dirs = vec![std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src"))];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("src is readable") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).expect("source is UTF-8");
+                // A call on the field, possibly split over lines (whitespace removed).
+                let flat: String = text.split_whitespace().collect();
+                let needle = format!(".{field}.with_label_values(&[\"");
+                for (at, _) in flat.match_indices(&needle) {
+                    let rest = &flat[at + needle.len()..];
+                    let label = &rest[..rest.find('"').expect("closing quote")];
+                    found.insert(label.to_owned());
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_error_kind_and_reject_reason_the_code_uses_is_exported_at_zero_from_the_start() {
+        let kinds = labels_used("errors");
+        let reasons = labels_used("frames_rejected");
+        assert!(kinds.contains("wal_unavailable") && kinds.len() >= 5, "{kinds:?}");
+        assert!(reasons.contains("session_file"), "{reasons:?}");
+        for k in &kinds {
+            assert!(
+                ERROR_KINDS.contains(&k.as_str()),
+                "kind {k:?} is used but not in ERROR_KINDS"
+            );
+        }
+        for r in &reasons {
+            assert!(
+                REJECT_REASONS.contains(&r.as_str()),
+                "reason {r:?} is used but not in REJECT_REASONS"
+            );
+        }
+        let text = Metrics::new().render();
+        for k in ERROR_KINDS {
+            let line = format!("logd_errors_total{{kind=\"{k}\"}} 0");
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        for r in REJECT_REASONS {
+            let line = format!("logd_frames_rejected_total{{reason=\"{r}\"}} 0");
+            assert!(text.lines().any(|l| l == line), "missing {line:?}");
+        }
+        assert!(text.lines().any(|l| l == "logd_serving 0"), "not serving until told");
+        let build = format!("logd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        assert!(text.lines().any(|l| l == build), "missing {build:?}");
+    }
 }

@@ -769,10 +769,14 @@ async fn idle_sessions_leave_the_seq_cache_and_their_seqs_continue_exactly_after
         assert_eq!((r.sessions[0].first_seq, r.sessions[0].last_seq), (1, 3));
     }
     // Wait until every one of them is materialized and checkpointed.
-    let stats = admin.get_stats(logd::pb::StatsRequest {}).await.unwrap().into_inner();
+    let stats = admin
+        .get_stats(logd::pb::StatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while admin
-        .get_stats(logd::pb::StatsRequest {})
+        .get_stats(logd::pb::StatsRequest::default())
         .await
         .unwrap()
         .into_inner()

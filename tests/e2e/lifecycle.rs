@@ -36,7 +36,11 @@ async fn wait_for(
     let deadline = Instant::now() + timeout;
     let mut client = admin(server).await;
     loop {
-        let s = client.get_stats(StatsRequest {}).await.expect("GetStats").into_inner();
+        let s = client
+            .get_stats(StatsRequest::default())
+            .await
+            .expect("GetStats")
+            .into_inner();
         if done(&s) {
             return s;
         }
@@ -714,7 +718,7 @@ async fn many_short_sessions_are_evicted_and_open_fds_return_to_the_baseline() {
         let (stop, peak_fds, peak_active) = (stop.clone(), peak_fds.clone(), peak_active.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(s) = a.get_stats(StatsRequest {}).await {
+                if let Ok(s) = a.get_stats(StatsRequest::default()).await {
                     let s = s.into_inner();
                     peak_fds.fetch_max(s.open_fds, Ordering::Relaxed);
                     peak_active.fetch_max(s.active_sessions, Ordering::Relaxed);

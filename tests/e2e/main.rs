@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `logd` binary, real gRPC over TCP, real files.
 
+mod alerts;
 mod crash;
 mod events;
 mod failstop;
@@ -8,6 +9,7 @@ mod fsync_real;
 mod hostile;
 mod ingest;
 mod lifecycle;
+mod operator;
 mod ops;
 mod recover;
 mod redis_server;

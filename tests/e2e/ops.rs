@@ -92,7 +92,7 @@ async fn batch(
 }
 
 /// `GET /metrics` over a plain TCP connection; returns the body.
-fn scrape(addr: &str) -> String {
+pub(crate) fn scrape(addr: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to metrics {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
@@ -182,7 +182,11 @@ async fn health(ch: &Channel, service: &str) -> Result<ServingStatus, tonic::Sta
 /// Spawns `cmd` (which is, or execs, `logd serve`), forwarding every stdout
 /// line to the returned receiver. The process is wrapped in a [`Server`] so
 /// it is stopped like util's, and killed on drop.
-fn spawn_logd(mut cmd: Command, log_dir: &Path, stderr_path: PathBuf) -> (Server, std_mpsc::Receiver<String>) {
+pub(crate) fn spawn_logd(
+    mut cmd: Command,
+    log_dir: &Path,
+    stderr_path: PathBuf,
+) -> (Server, std_mpsc::Receiver<String>) {
     cmd.stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr_path).unwrap());
     let mut child = cmd.spawn().expect("spawn logd");
@@ -205,7 +209,7 @@ fn spawn_logd(mut cmd: Command, log_dir: &Path, stderr_path: PathBuf) -> (Server
 }
 
 /// `logd serve` on `log_dir`, any free port, as util starts it.
-fn serve_command(log_dir: &Path, extra: &[(&str, &str)]) -> Command {
+pub(crate) fn serve_command(log_dir: &Path, extra: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(logd_bin());
     cmd.arg("serve")
         .env("LOG_DIR", log_dir)
@@ -219,7 +223,7 @@ fn serve_command(log_dir: &Path, extra: &[(&str, &str)]) -> Command {
 }
 
 /// Waits for the stdout line starting with `prefix`; returns the rest.
-fn wait_line(rx: &std_mpsc::Receiver<String>, prefix: &str, timeout: Duration, server: &Server) -> String {
+pub(crate) fn wait_line(rx: &std_mpsc::Receiver<String>, prefix: &str, timeout: Duration, server: &Server) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -677,13 +681,65 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_client_ca() 
         .await
         .expect("client with the right certificate");
     assert_eq!(ok.frames_accepted, 1);
+
+    // Every client subcommand presents --tls-cert/--tls-key (or their env vars).
+    let (cert, key) = (td.dir.path().join("client.pem"), td.dir.path().join("client.key"));
+    std::fs::write(&cert, &pki.client.0).unwrap();
+    std::fs::write(&key, &pki.client.1).unwrap();
+    let https = format!("https://localhost:{}", hp.rsplit_once(':').unwrap().1);
+    let ca = pki.ca_path.to_str().unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    for sub in [
+        &["status"][..],
+        &["rotate", "--all"][..],
+        &["bench", "--duration", "0.2", "--streams", "1", "--sessions", "1"][..],
+    ] {
+        let mut args = sub.to_vec();
+        args.extend(["--target", &https, "--tls-ca", ca]);
+        let out = run_logd(
+            &args,
+            &td.log_dir(),
+            &[("LOGD_TLS_CLIENT_CERT", cert), ("LOGD_TLS_CLIENT_KEY", key)],
+        );
+        assert!(out.status.success(), "logd {args:?} with a client certificate: {out:?}");
+        let out = run_logd(&args, &td.log_dir(), &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "logd {args:?} without a client certificate: {out:?}"
+        );
+    }
+    let out = send_cli(
+        &td.log_dir(),
+        &[
+            "--target",
+            &https,
+            "--session",
+            "mtls-cli",
+            "--tls-ca",
+            ca,
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ],
+        "with a certificate\n",
+    );
+    assert!(out.status.success(), "logd send --tls-cert: {out:?}");
     stop(&mut server).await;
     let sessions = read_sessions(&td.log_dir());
-    assert_eq!(sessions.keys().collect::<Vec<_>>(), vec!["mtls-ok"]);
+    assert!(
+        sessions
+            .keys()
+            .all(|s| s == "mtls-ok" || s == "mtls-cli" || s.starts_with("bench-")),
+        "{sessions:?}"
+    );
+    assert_eq!(sessions["mtls-ok"].len(), 1);
+    assert_eq!(sessions["mtls-cli"].len(), 1);
 }
 
 /// Runs `logd send <args>` with `stdin` as its input.
-fn send_cli(log_dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
+pub(crate) fn send_cli(log_dir: &Path, args: &[&str], stdin: &str) -> std::process::Output {
     let mut cmd = Command::new(logd_bin());
     cmd.arg("send")
         .args(args)
@@ -727,7 +783,7 @@ async fn bearer_tokens_are_required_and_logd_send_with_a_token_prints_the_seq_ra
     }
     // The admin service is behind the same check; health is not (probes).
     let admin = logd::pb::admin_service_client::AdminServiceClient::new(ch.clone())
-        .get_stats(logd::pb::StatsRequest {})
+        .get_stats(logd::pb::StatsRequest::default())
         .await
         .expect_err("GetStats without a token");
     assert_eq!(admin.code(), Code::Unauthenticated);

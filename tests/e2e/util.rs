@@ -411,7 +411,7 @@ pub async fn admin(server: &Server) -> logd::pb::admin_service_client::AdminServ
 pub async fn stats(server: &Server) -> logd::pb::StatsResponse {
     admin(server)
         .await
-        .get_stats(logd::pb::StatsRequest {})
+        .get_stats(logd::pb::StatsRequest::default())
         .await
         .expect("GetStats")
         .into_inner()

@@ -228,6 +228,17 @@ impl SessionWriter {
         self.jobs.is_empty()
     }
 
+    /// The open file's last seq, size and start (wall clock ms; 0 until its
+    /// first write), for `logd status`; None while no file is open. The
+    /// bool: the file was closed for a slot while it held lines.
+    pub fn file_status(&self) -> (Option<(i64, u64, u64)>, bool) {
+        let open = self
+            .file
+            .as_ref()
+            .map(|f| (f.last_seq(), f.size(), f.checkpoint().opened_at_ms));
+        (open, self.closed_with_lines)
+    }
+
     /// Lines were appended since the last fdatasync.
     pub fn dirty(&self) -> bool {
         self.dirty

@@ -238,6 +238,8 @@ struct Shell {
     replies: HashMap<u64, oneshot::Sender<Result<Option<String>, String>>>,
     next_token: u64,
     id: u64,
+    /// What `logd status` shows of the session.
+    cell: Arc<crate::telemetry::stats::SessionCell>,
 }
 
 impl Shell {
@@ -248,7 +250,10 @@ impl Shell {
     /// Hands a message to the writer.
     fn take(&mut self, msg: WriterMsg) {
         match msg {
-            WriterMsg::Frames(batch, units) => self.core().push_frames(batch, units, Instant::now()),
+            WriterMsg::Frames(batch, units) => {
+                self.cell.last_frame_at_ms.store(now_ms(), Ordering::Relaxed);
+                self.core().push_frames(batch, units, Instant::now())
+            }
             WriterMsg::Rotate(reply) => {
                 self.next_token += 1;
                 let token = self.next_token;
@@ -295,6 +300,23 @@ impl Shell {
                 }
             }
             close_queue |= self.deliver();
+        }
+    }
+
+    /// Copies the file's state into the session's cell (`logd status`): a
+    /// file closed for a slot keeps its last size, a rotated one has none.
+    fn publish(&mut self) {
+        let (open, closed_with_lines) = self.core().file_status();
+        let (c, l) = (&self.cell, Ordering::Relaxed);
+        c.file_open.store(open.is_some(), l);
+        match open {
+            Some((last_seq, bytes, opened_at_ms)) => {
+                c.last_seq.store(last_seq, l);
+                c.file_bytes.store(bytes, l);
+                c.file_opened_at_ms.store(opened_at_ms, l);
+            }
+            None if !closed_with_lines => c.file_bytes.store(0, l),
+            None => {}
         }
     }
 
@@ -356,6 +378,7 @@ async fn run_writer(
     // touch the file either (a new descriptor would not see the writeback
     // error, and a checkpoint could cover lost pages).
     let mut failed = false;
+    let cell = cfg.settings.stats.sessions.register(&session, id);
     if let Some(p) = predecessor {
         match p.await {
             Ok(f) => failed = f,
@@ -373,6 +396,7 @@ async fn run_writer(
         replies: HashMap::new(),
         next_token: 0,
         id,
+        cell,
     };
     let mut tick = tokio::time::interval(flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -388,7 +412,9 @@ async fn run_writer(
                 shell.core().tick(Instant::now(), now_ms(), queue_empty);
             }
         }
-        if shell.drive().await {
+        let close_queue = shell.drive().await;
+        shell.publish();
+        if close_queue {
             // Stop taking frames; whatever was already queued is still
             // written (into a new file) before the task ends.
             rx.close();
@@ -397,10 +423,12 @@ async fn run_writer(
             }
             shell.core().stop(true);
             shell.drive().await;
+            shell.cfg.settings.stats.sessions.unregister(&shell.session, id);
             return shell.core().failed();
         }
     }
     shell.core().stop(false);
     shell.drive().await;
+    shell.cfg.settings.stats.sessions.unregister(&shell.session, id);
     shell.core().failed()
 }
