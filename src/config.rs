@@ -32,6 +32,9 @@ pub enum Command {
     Send(SendArgs),
     /// Show a running server's sessions, WAL, queues and outbox.
     Status(StatusArgs),
+    /// Print one session's lines in seq order across its `.logtmp`, `.log`
+    /// and `.log.gz` files in one or more log directories (no server needed).
+    Cat(CatArgs),
     /// Inspect and verify the write-ahead log (offline).
     Wal {
         /// Which WAL command.
@@ -471,4 +474,38 @@ pub struct StatusArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How `logd cat` prints a line.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CatFormat {
+    /// The JSON line as logd wrote it.
+    Json,
+    /// `time role content`, one line per frame (newlines in content as `\n`).
+    Text,
+}
+
+/// Arguments of `logd cat`.
+#[derive(Debug, Clone, Args)]
+pub struct CatArgs {
+    /// The session to print.
+    #[arg(long)]
+    pub session: String,
+    /// Print only seqs at or above this one.
+    #[arg(long, default_value_t = 0)]
+    pub from_seq: i64,
+    /// Print only seqs at or below this one (with --follow: exit once past it).
+    #[arg(long, default_value_t = i64::MAX)]
+    pub to_seq: i64,
+    /// Keep printing new lines as they are written, across rotations.
+    #[arg(long)]
+    pub follow: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = CatFormat::Json)]
+    pub format: CatFormat,
+    /// How often --follow looks for new lines and files.
+    #[arg(long, default_value_t = 200)]
+    pub poll_interval_ms: u64,
+    /// Log directories to read (e.g. one per instance). Default: LOG_DIR.
+    pub dirs: Vec<PathBuf>,
 }

@@ -1,8 +1,9 @@
 //! Subcommands other than the service itself: `recover`, `wal inspect`,
-//! `wal verify`, `bench`, `send`, `status`, `rotate`. Output for humans by
+//! `wal verify`, `bench`, `send`, `status`, `rotate`, `cat`. Output for humans by
 //! default, `--json` for scripts.
 
 pub(crate) mod bench;
+mod cat;
 mod recover;
 mod rotate;
 mod send;
@@ -62,6 +63,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rotate(args) => rotate::rotate(args).await,
         Command::Send(args) => send::send(args).await,
         Command::Status(args) => status::status(args).await,
+        Command::Cat(args) => tokio::task::spawn_blocking(move || cat::cat(args)).await?,
         Command::Wal { command } => tokio::task::spawn_blocking(move || wal::wal_command(command)).await?,
     }
 }
