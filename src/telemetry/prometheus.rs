@@ -69,6 +69,8 @@ pub struct Metrics {
     seq_cache_sessions: IntGauge,
     rotations_deferred: IntCounter,
     seq_cache_evictions: IntCounter,
+    /// `logd_instance_info{instance}` = 1: this instance's `LOGD_INSTANCE`.
+    instance_info: IntGaugeVec,
     sources: std::sync::OnceLock<Sources>,
 }
 
@@ -248,9 +250,21 @@ impl Metrics {
                 "logd_rotations_deferred_total",
                 "Rotation attempts put off because the event outbox held LOGD_OUTBOX_EVENTS_MAX events.",
             ),
+            instance_info: gauge_vec(
+                &r,
+                "logd_instance_info",
+                "1, labelled with this instance's LOGD_INSTANCE (the name in its events).",
+                "instance",
+            ),
             registry: r,
             sources: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Names this instance (`logd_instance_info{instance}` = 1).
+    pub fn set_instance(&self, name: &str) {
+        self.instance_info.reset();
+        self.instance_info.with_label_values(&[name]).set(1);
     }
 
     /// Connects the atomics copied at scrape time.

@@ -7,6 +7,7 @@ mod fresh_segment;
 mod fsync_real;
 mod hostile;
 mod ingest;
+mod instance;
 mod lifecycle;
 mod ops;
 mod recover;
