@@ -70,6 +70,11 @@ struct Reader {
     tail: bool,
     /// The first seq read from this file (its rotated copy is skipped).
     first_read: Option<i64>,
+    /// Bytes read so far (a live file shorter than this was truncated).
+    consumed: u64,
+    /// Seqs up to this one were printed from this file before it was
+    /// truncated and reopened: passed over without counting them.
+    quiet_through: Option<i64>,
 }
 
 impl Reader {
@@ -81,6 +86,7 @@ impl Reader {
                 .inner
                 .read_until(b'\n', &mut self.partial)
                 .with_context(|| format!("reading {}", self.path.display()))?;
+            self.consumed += n as u64;
             anyhow::ensure!(
                 self.partial.len() <= LINE_BYTES_MAX,
                 "{}: a line longer than {} bytes",
@@ -268,22 +274,35 @@ impl Cat {
     fn scan_logtmp(&mut self, dir: usize) -> anyhow::Result<()> {
         let path = store::logtmp_path(&self.dirs[dir], &self.session);
         let now = match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() => Some(m.ino()),
+            Ok(m) if m.is_file() => Some((m.ino(), m.len())),
             Ok(_) => None,
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
         };
+        let mut quiet_through = None;
         if let Some(t) = &self.tails[dir] {
-            if Some(t.ino) == now {
-                return Ok(());
-            }
-            // Renamed away by a rotation after its last write: read it to its
-            // end in the next pass like any finished file.
             let slot = t.slot;
-            self.tails[dir] = None;
-            if let Some(r) = self.readers[slot].as_mut() {
-                r.tail = false;
+            match now {
+                Some((ino, len)) if ino == t.ino => {
+                    let consumed = self.readers[slot].as_ref().map_or(0, |r| r.consumed);
+                    if len >= consumed {
+                        return Ok(());
+                    }
+                    // Truncated (recovery cut a torn last line after a
+                    // crash): read it again from the start, quietly up to
+                    // what was printed.
+                    self.readers[slot] = None;
+                    quiet_through = self.last_printed;
+                }
+                // Renamed away by a rotation after its last write: read it
+                // to its end in the next pass like any finished file.
+                _ => {
+                    if let Some(r) = self.readers[slot].as_mut() {
+                        r.tail = false;
+                    }
+                }
             }
+            self.tails[dir] = None;
         }
         if now.is_none() {
             return Ok(());
@@ -305,6 +324,8 @@ impl Cat {
             head: None,
             tail: true,
             first_read: None,
+            consumed: 0,
+            quiet_through,
         };
         // Its first seq now, so that its rotated copy is known as read.
         if r.advance(&mut self.summary.unparsable)? {
@@ -354,8 +375,11 @@ impl Cat {
                 self.done = true;
                 return Ok(());
             }
-            let (_, line) = self.readers[slot].as_mut().expect("in heap").head.take().expect("head");
-            self.print(seq, &line, out)?;
+            let r = self.readers[slot].as_mut().expect("in heap");
+            let (_, line) = r.head.take().expect("head");
+            if r.quiet_through.is_none_or(|q| seq > q) {
+                self.print(seq, &line, out)?;
+            }
             if self.done {
                 return Ok(());
             }
@@ -417,6 +441,8 @@ impl Cat {
             head: None,
             tail: false,
             first_read: None,
+            consumed: 0,
+            quiet_through: None,
         })))
     }
 
