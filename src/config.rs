@@ -32,6 +32,9 @@ pub enum Command {
     Send(SendArgs),
     /// Show a running server's sessions, WAL, queues and outbox.
     Status(StatusArgs),
+    /// Print one session's lines in seq order across its `.logtmp`, `.log`
+    /// and `.log.gz` files in one or more log directories (no server needed).
+    Cat(CatArgs),
     /// Inspect and verify the write-ahead log (offline).
     Wal {
         /// Which WAL command.
@@ -226,6 +229,50 @@ pub struct ServeArgs {
     /// Permission bits of files logd creates (octal).
     #[arg(long, env = "LOGD_FILE_MODE", default_value = "640", value_parser = parse_octal)]
     pub file_mode: u32,
+    /// This instance's name, in every event (`instance`, and `event_id`'s
+    /// `@<instance>`) and in `logd_instance_info`: which `LOG_DIR` an
+    /// event's `path` is in when several instances share a Redis stream.
+    /// `[A-Za-z0-9._-]`, at most 64 bytes. Default: the host name.
+    #[arg(long, env = "LOGD_INSTANCE")]
+    pub instance: Option<String>,
+}
+
+/// Longest `LOGD_INSTANCE`, in bytes.
+pub const INSTANCE_BYTES_MAX: usize = 64;
+
+/// Whether `name` can be an instance name: 1 to 64 of `[A-Za-z0-9._-]`
+/// (no `@` or `:`, so an `event_id` splits back into its parts).
+pub fn instance_is_valid(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= INSTANCE_BYTES_MAX
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// The host name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`), the
+/// default `LOGD_INSTANCE`.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())?;
+    Some(name.trim().to_owned())
+}
+
+impl ServeArgs {
+    /// This instance's name: `LOGD_INSTANCE`, or the host name.
+    pub fn instance_name(&self) -> Result<String, String> {
+        let name = match &self.instance {
+            Some(n) => n.clone(),
+            None => host_name().ok_or("no host name to name this instance: set LOGD_INSTANCE")?,
+        };
+        if !instance_is_valid(&name) {
+            return Err(format!(
+                "LOGD_INSTANCE {name:?} must be 1 to {INSTANCE_BYTES_MAX} bytes of [A-Za-z0-9._-] (default: the host name)"
+            ));
+        }
+        Ok(name)
+    }
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -340,6 +387,7 @@ impl ServeArgs {
     /// Checks the flags against each other.
     pub fn validate(&self) -> Result<(), String> {
         self.store.wal_options()?;
+        self.instance_name()?;
         if self.max_message_bytes <= self.store.max_frame_bytes {
             return Err(format!(
                 "LOGD_MAX_MESSAGE_BYTES {} must exceed LOG_MAX_FRAME_BYTES {}",
@@ -517,4 +565,38 @@ pub struct StatusArgs {
     /// Which server.
     #[command(flatten)]
     pub client: ClientArgs,
+}
+
+/// How `logd cat` prints a line.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CatFormat {
+    /// The JSON line as logd wrote it.
+    Json,
+    /// `time role content`, one line per frame (newlines in content as `\n`).
+    Text,
+}
+
+/// Arguments of `logd cat`.
+#[derive(Debug, Clone, Args)]
+pub struct CatArgs {
+    /// The session to print.
+    #[arg(long)]
+    pub session: String,
+    /// Print only seqs at or above this one.
+    #[arg(long, default_value_t = 0)]
+    pub from_seq: i64,
+    /// Print only seqs at or below this one (with --follow: exit once past it).
+    #[arg(long, default_value_t = i64::MAX)]
+    pub to_seq: i64,
+    /// Keep printing new lines as they are written, across rotations.
+    #[arg(long)]
+    pub follow: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = CatFormat::Json)]
+    pub format: CatFormat,
+    /// How often --follow looks for new lines and files.
+    #[arg(long, default_value_t = 200)]
+    pub poll_interval_ms: u64,
+    /// Log directories to read (e.g. one per instance). Default: LOG_DIR.
+    pub dirs: Vec<PathBuf>,
 }

@@ -370,7 +370,10 @@ async fn bidi(
 ) -> anyhow::Result<Histogram<u64>> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let (tx, rx) = mpsc::channel::<LogFrame>(args.window_frames.max(1));
-    let mut acks = client.write_log_bidi(ReceiverStream::new(rx)).await?.into_inner();
+    let mut acks = client
+        .write_log_bidi(routed(ReceiverStream::new(rx), sessions)?)
+        .await?
+        .into_inner();
     let window = args.window_frames.max(1) as u64;
     let mut sent_at: VecDeque<Instant> = VecDeque::new();
     let mut sent = 0u64;
@@ -427,6 +430,17 @@ async fn bidi(
     Ok(hist)
 }
 
+/// A call carrying `x-session-id` when it writes one session, so that a
+/// load balancer hashing on that header (docs/SCALING.md) routes it to the
+/// session's instance; a call writing several sessions goes anywhere.
+fn routed<T>(message: T, sessions: &[String]) -> anyhow::Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(message);
+    if let [session] = sessions {
+        req.metadata_mut().insert("x-session-id", session.parse()?);
+    }
+    Ok(req)
+}
+
 fn settle(
     through: u64,
     settled: &mut u64,
@@ -464,8 +478,14 @@ async fn calls(
         pacer.wait(args.batch_frames as u64).await;
         let t = Instant::now();
         let resp = match args.rpc {
-            BenchRpc::Batch => client.write_log_batch(LogBatch { frames }).await?.into_inner(),
-            _ => client.write_log_stream(tokio_stream::iter(frames)).await?.into_inner(),
+            BenchRpc::Batch => client
+                .write_log_batch(routed(LogBatch { frames }, sessions)?)
+                .await?
+                .into_inner(),
+            _ => client
+                .write_log_stream(routed(tokio_stream::iter(frames), sessions)?)
+                .await?
+                .into_inner(),
         };
         hist.record(t.elapsed().as_micros().max(1) as u64)?;
         shared.acked.fetch_add(resp.frames_accepted as u64, Ordering::Relaxed);

@@ -1,13 +1,14 @@
 //! Subcommands other than the service itself: `recover`, `wal inspect`,
-//! `wal verify`, `bench`, `send`, `status`, `rotate`. Output for humans by
-//! default, `--json` for scripts; a closed stdout (`| head`) drops the
-//! output rather than panicking ([`crate::telemetry::console`]).
+//! `wal verify`, `bench`, `send`, `status`, `rotate`, `cat`. Output for
+//! humans by default, `--json` for scripts; a closed stdout (`| head`) drops
+//! the output rather than panicking ([`crate::telemetry::console`]).
 //!
 //! The client subcommands share one set of connection flags
 //! ([`ClientArgs`]) and [`connect`]; a failed call prints its gRPC code name
-//! and the server's message, once ([`error_line`]).
+//! and the server's message, once ([`error_line`]). `cat` reads files only.
 
 pub(crate) mod bench;
+mod cat;
 mod recover;
 mod rotate;
 mod send;
@@ -104,6 +105,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Rotate(args) => rotate::rotate(args).await,
         Command::Send(args) => send::send(args).await,
         Command::Status(args) => status::status(args).await,
+        Command::Cat(args) => tokio::task::spawn_blocking(move || cat::cat(args)).await?,
         Command::Wal { command } => tokio::task::spawn_blocking(move || wal::wal_command(command)).await?,
     }
 }

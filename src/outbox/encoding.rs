@@ -38,6 +38,7 @@ mod tests {
     fn sample() -> Event {
         Event {
             event_id: event_id(EventKind::Rotated, "s", 1, 9),
+            instance: "logd-0".into(),
             kind: EventKind::Rotated,
             session_id: "s".into(),
             path: "s.20261129T051407Z.1-9.log".into(),

@@ -42,6 +42,8 @@ pub struct MirrorConfig {
     pub encoding: Encoding,
     /// Optional pub/sub channel for a wake-up ping.
     pub pubsub_channel: Option<String>,
+    /// `LOGD_INSTANCE`, stamped into every event published.
+    pub instance: String,
 }
 
 fn kind_name(k: EventKind) -> &'static str {
@@ -143,6 +145,9 @@ pub async fn run_mirror(
         let c = con.as_mut().expect("connected");
         let mut sent = 0usize;
         for (key, event) in &batch {
+            let mut event = event.clone();
+            event.stamp_instance(&cfg.instance);
+            let event = &event;
             if let Err(e) = publish(c, &cfg, event).await {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 if !warned {

@@ -135,6 +135,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = open_state(&args)?;
     let edge_setup = EdgeSetup::prepare(&args)?;
     let metrics = Arc::new(Metrics::new());
+    metrics.set_instance(&args.instance_name().map_err(anyhow::Error::msg)?);
     let lifelines = Lifelines {
         shutdown: CancellationToken::new(),
         fatal: CancellationToken::new(),

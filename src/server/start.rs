@@ -249,6 +249,7 @@ fn start_mirror(
         maxlen: args.lifecycle.redis_stream_maxlen,
         encoding: args.lifecycle.redis_format,
         pubsub_channel: args.lifecycle.redis_pubsub_channel.clone(),
+        instance: args.instance_name().expect("validated at start"),
     };
     let task = tokio::spawn(run_mirror(
         cfg,

@@ -94,6 +94,8 @@ pub struct Metrics {
     seq_cache_evictions: IntCounter,
     /// 1 while the gRPC services serve; 0 while recovering and draining.
     pub serving: IntGauge,
+    /// `logd_instance_info{instance}` = 1: this instance's `LOGD_INSTANCE`.
+    instance_info: IntGaugeVec,
     sources: std::sync::OnceLock<Sources>,
 }
 
@@ -288,6 +290,12 @@ impl Metrics {
                 "logd_serving",
                 "1 while the gRPC services serve; 0 while recovering (health NOT_SERVING) and while draining.",
             ),
+            instance_info: gauge_vec(
+                &r,
+                "logd_instance_info",
+                "1, labelled with this instance's LOGD_INSTANCE (the name in its events).",
+                "instance",
+            ),
             registry: r,
             sources: std::sync::OnceLock::new(),
         };
@@ -301,6 +309,12 @@ impl Metrics {
             m.rotations.with_label_values(&[reason]);
         }
         m
+    }
+
+    /// Names this instance (`logd_instance_info{instance}` = 1).
+    pub fn set_instance(&self, name: &str) {
+        self.instance_info.reset();
+        self.instance_info.with_label_values(&[name]).set(1);
     }
 
     /// Connects the atomics copied at scrape time.

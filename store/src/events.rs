@@ -3,8 +3,9 @@
 //! An event is recorded in the metadata store's outbox in the same atomic
 //! step that records the file change it announces, and removed from the
 //! outbox only after Redis accepted it: delivery is at least once, in order.
-//! `event_id` is deterministic (kind, session, seq range), so a re-sent
-//! event carries the same id and consumers can dedupe on it.
+//! `event_id` is deterministic (kind, session, seq range, and the
+//! publishing instance, [`Event::stamp_instance`]), so a re-sent event
+//! carries the same id and consumers can dedupe on it.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,8 +38,15 @@ pub enum RotateReason {
 /// One event, as stored in the outbox and sent as the stream's `content`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// `<kind>:<session>:<first_seq>-<last_seq>`: the same for every resend.
+    /// `<kind>:<session>:<first_seq>-<last_seq>@<instance>` once published
+    /// (stored without the `@<instance>`): the same for every resend, and
+    /// distinct across instances, which may each hold a file of the same
+    /// session and range after a failover.
     pub event_id: String,
+    /// The logd instance whose `LOG_DIR` holds `path` (`LOGD_INSTANCE`),
+    /// set when the event is published; empty in the outbox.
+    #[serde(default)]
+    pub instance: String,
     /// What happened.
     pub kind: EventKind,
     /// The session.
@@ -67,7 +75,20 @@ pub struct Event {
     pub timestamp_ms: u64,
 }
 
-/// The deterministic id of an event.
+impl Event {
+    /// Names the instance that publishes the event: sets `instance` and
+    /// appends `@<instance>` to `event_id` (an id stamped already is kept).
+    pub fn stamp_instance(&mut self, instance: &str) {
+        debug_assert!(!instance.is_empty(), "an instance has a name");
+        if self.instance.is_empty() {
+            self.instance = instance.to_owned();
+            self.event_id = format!("{}@{instance}", self.event_id);
+        }
+        debug_assert_eq!(self.instance, instance, "an event is published by one instance");
+    }
+}
+
+/// The deterministic id of an event (before [`Event::stamp_instance`]).
 pub fn event_id(kind: EventKind, session: &str, first_seq: i64, last_seq: i64) -> String {
     let k = match kind {
         EventKind::Rotated => "rotated",
@@ -94,5 +115,30 @@ mod tests {
             event_id(EventKind::Compressed, "s", 1, 9),
             event_id(EventKind::Rotated, "s", 1, 9)
         );
+    }
+
+    #[test]
+    fn a_published_event_names_its_instance_in_its_id_once() {
+        let mut e = Event {
+            event_id: event_id(EventKind::Rotated, "s", 1, 9),
+            instance: String::new(),
+            kind: EventKind::Rotated,
+            session_id: "s".into(),
+            path: "p".into(),
+            first_seq: 1,
+            last_seq: 9,
+            frames: 9,
+            bytes: 1,
+            first_time: String::new(),
+            last_time: String::new(),
+            reason: RotateReason::Size,
+            compression: "none".into(),
+            checksum: String::new(),
+            timestamp_ms: 0,
+        };
+        e.stamp_instance("logd-1");
+        e.stamp_instance("logd-1");
+        assert_eq!(e.event_id, "rotated:s:1-9@logd-1");
+        assert_eq!(e.instance, "logd-1");
     }
 }

@@ -358,6 +358,7 @@ mod tests {
     fn event(n: u64) -> Event {
         Event {
             event_id: format!("rotated:s:{n}-{n}"),
+            instance: String::new(),
             kind: crate::events::EventKind::Rotated,
             session_id: "s".into(),
             path: format!("s.{n}.log"),

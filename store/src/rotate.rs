@@ -271,6 +271,7 @@ pub fn rotated_event(rot: &Rotation) -> Event {
     let s = &rot.stats;
     Event {
         event_id: event_id(EventKind::Rotated, &rot.session, s.first_seq, s.last_seq),
+        instance: String::new(),
         kind: EventKind::Rotated,
         session_id: rot.session.clone(),
         path: rot.to.clone(),

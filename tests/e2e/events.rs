@@ -239,3 +239,44 @@ async fn a_kill_after_a_rotation_rename_announces_the_rotation_once() {
 async fn a_kill_9_under_load_resends_at_most_the_unconfirmed_event() {
     only_the_unconfirmed_event_is_resent(None).await;
 }
+
+/// A restart after a crash finds a backlog of compressions, which the pool's
+/// first sweep starts one after another; SIGTERM must not wait for the whole
+/// backlog (each job here takes a second): the jobs not started stay in the
+/// store for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn shutdown_does_not_wait_for_a_compression_backlog_found_by_the_sweep() {
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let slow = [
+        ("LOG_MAX_SIZE_BYTES", "1"), // every write rotates
+        ("FAILPOINTS", "compress::after_gz=sleep(1000)"),
+    ];
+    let mut server = Server::start(&dir, &slow);
+    let sessions: Vec<String> = (0..12).map(|i| format!("backlog-{i}")).collect();
+    for _ in 0..2 {
+        assert!(send_round(&server, &sessions, 1).await);
+    }
+    rotate_all(&server).await;
+    server.kill9();
+    let logs = |d: &Path| {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".log"))
+            .count()
+    };
+    let backlog = logs(&dir);
+    assert!(backlog >= 12, "{backlog} rotated files wait for compression");
+
+    let mut server = Server::start(&dir, &slow);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = Instant::now();
+    server.try_stop_within(Duration::from_secs(30)).unwrap();
+    let took = stopped.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "SIGTERM took {took:?} with {backlog} compressions of ~1 s each in the backlog"
+    );
+    assert!(logs(&dir) > 0, "the jobs not started stay for the next start");
+}

@@ -971,8 +971,11 @@ fn check_events(got: &[Delivered], files: &[Rotated], encoding: &str, dups_allow
     for f in files {
         assert!(f.gz, "{}: events are checked once every file is compressed", f.name);
         let log_name = f.name.strip_suffix(".gz").unwrap();
-        let rid = format!("rotated:{}:{}-{}", f.session, f.first, f.last);
-        let cid = format!("compressed:{}:{}-{}", f.session, f.first, f.last);
+        // Unset LOGD_INSTANCE: the host name names the instance.
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        let host = host.trim();
+        let rid = format!("rotated:{}:{}-{}@{host}", f.session, f.first, f.last);
+        let cid = format!("compressed:{}:{}-{}@{host}", f.session, f.first, f.last);
         let (ri, r) = *first
             .get(rid.as_str())
             .unwrap_or_else(|| panic!("no rotated event for {}", f.name));
@@ -982,6 +985,7 @@ fn check_events(got: &[Delivered], files: &[Rotated], encoding: &str, dups_allow
         assert!(ri < ci, "{}: compressed before rotated", f.name);
         for (e, kind) in [(r, EventKind::Rotated), (c, EventKind::Compressed)] {
             assert_eq!(e.kind, kind);
+            assert_eq!(e.instance, host, "{}", e.event_id);
             assert_eq!(
                 (e.session_id.as_str(), e.first_seq, e.last_seq, e.frames),
                 (f.session.as_str(), f.first, f.last, f.lines.len() as u64),

@@ -8,6 +8,7 @@ mod fresh_segment;
 mod fsync_real;
 mod hostile;
 mod ingest;
+mod instance;
 mod lifecycle;
 mod operator;
 mod ops;

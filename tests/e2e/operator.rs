@@ -366,11 +366,16 @@ async fn no_subcommand_panics_when_its_stdout_is_closed() {
     server.stop_async().await;
     // The lines were sent even though nobody read the totals.
     assert_eq!(read_sessions(&td.log_dir())["pipe"].len(), 200);
-    // Offline: `wal inspect` and `wal verify` on the stopped server's WAL.
+    // Offline: `wal inspect` and `wal verify` on the stopped server's WAL,
+    // and `cat` on its files (200 lines to print).
+    let log_dir = td.log_dir();
+    let log_dir = log_dir.to_str().unwrap();
     for args in [
         &["wal", "inspect"][..],
         &["wal", "verify"],
         &["wal", "inspect", "--json"],
+        &["cat", "--session", "pipe", log_dir],
+        &["cat", "--session", "pipe", "--format", "text", log_dir],
     ] {
         let out = run_with_closed_stdout(args, &td.log_dir(), "");
         let stderr = String::from_utf8_lossy(&out.stderr);

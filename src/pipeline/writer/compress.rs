@@ -56,8 +56,14 @@ pub async fn run_compression_pool(
                 let stored = cfg.settings.meta.compress_jobs().unwrap_or_default();
                 let fresh = sweep_order(stored, &in_flight);
                 cfg.settings.stats.compress_backlog.store((fresh.len() + in_flight.len()) as u64, Ordering::Relaxed);
+                // A sweep may start hundreds of jobs (a backlog left by a
+                // crash), each waiting for a worker: shutdown must not wait
+                // for all of them (those not started stay in the store).
                 for j in fresh {
-                    start_job(&cfg, &slots, &mut in_flight, &done_tx, j).await;
+                    tokio::select! {
+                        () = start_job(&cfg, &slots, &mut in_flight, &done_tx, j) => {}
+                        () = stop.cancelled() => break,
+                    }
                 }
                 continue;
             }
