@@ -226,6 +226,10 @@ pub struct ServeArgs {
     /// Permission bits of files logd creates (octal).
     #[arg(long, env = "LOGD_FILE_MODE", default_value = "640", value_parser = parse_octal)]
     pub file_mode: u32,
+    /// The OTLP log record (or resource) attribute that names a record's
+    /// session; without it `service.instance.id`, then `service.name`.
+    #[arg(long, env = "LOGD_OTLP_SESSION_ATTRIBUTE", default_value = "session.id")]
+    pub otlp_session_attribute: String,
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {

@@ -9,6 +9,7 @@ mod hostile;
 mod ingest;
 mod lifecycle;
 mod ops;
+mod otlp;
 mod recover;
 mod redis_server;
 mod restart;
