@@ -42,6 +42,8 @@ use crate::pb::LogFrame;
 pub const SEQ_ATTRIBUTE: &str = "logd.seq";
 /// Attributes that name the session when the configured one is absent, in order.
 pub const SESSION_ATTRIBUTE_FALLBACKS: [&str; 2] = ["service.instance.id", "service.name"];
+/// The binary trailer OpenTelemetry SDKs read a retry delay from.
+pub const RETRY_INFO_TRAILER: &str = "google.rpc.retryinfo-bin";
 /// Rejection reasons quoted in `partial_success.error_message` (the count is exact).
 const REASONS_QUOTED_MAX: usize = 5;
 /// Integers above this magnitude go into metadata as strings: metadata
@@ -59,6 +61,35 @@ pub struct OtlpLogsSvc {
 #[tonic::async_trait]
 impl LogsService for OtlpLogsSvc {
     async fn export(
+        &self,
+        request: Request<ExportLogsServiceRequest>,
+    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        self.export_records(request).await.map_err(with_retry_trailer)
+    }
+}
+
+/// Adds the `google.rpc.retryinfo-bin` trailer beside the status details
+/// that hold the same `RetryInfo`: the Collector reads the details, the
+/// OpenTelemetry Python SDK's exporter the trailer.
+fn with_retry_trailer(mut status: Status) -> Status {
+    use tonic_types::StatusExt;
+    let Some(delay) = status.get_details_retry_info().and_then(|r| r.retry_delay) else {
+        return status;
+    };
+    let info = tonic_types::pb::RetryInfo {
+        retry_delay: Some(prost_types::Duration {
+            seconds: delay.as_secs() as i64,
+            nanos: delay.subsec_nanos() as i32,
+        }),
+    };
+    let value = tonic::metadata::MetadataValue::from_bytes(&prost::Message::encode_to_vec(&info));
+    status.metadata_mut().insert_bin(RETRY_INFO_TRAILER, value);
+    status
+}
+
+impl OtlpLogsSvc {
+    /// One export, made durable (see the module doc).
+    async fn export_records(
         &self,
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
@@ -82,7 +113,7 @@ impl LogsService for OtlpLogsSvc {
                         // Err: LOGD_SESSIONS_ACTIVE_MAX; nothing was
                         // submitted yet, so the retry duplicates nothing.
                         Ok(frame) => ingest.push(frame)?,
-                        Err(reason) => ingest.reject("otlp_session", reason),
+                        Err(reason) => ingest.reject("session_id", reason),
                     }
                 }
             }

@@ -87,6 +87,9 @@ pub(super) async fn start_edge(
         ready: ready.clone(),
         session_attribute: args.otlp_session_attribute.clone(),
     })
+    // The Collector's otlp exporter compresses with gzip by default; the
+    // size limit applies to the decompressed message.
+    .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
     .max_decoding_message_size(args.max_message_bytes);
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(args.max_concurrent_streams))

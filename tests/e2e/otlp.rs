@@ -201,6 +201,10 @@ async fn an_export_beyond_logd_sessions_active_max_is_resource_exhausted_with_re
         tonic_types::StatusExt::get_details_retry_info(&err).is_some(),
         "OTLP exporters retry RESOURCE_EXHAUSTED only with RetryInfo: {err:?}"
     );
+    assert!(
+        err.metadata().get_bin("google.rpc.retryinfo-bin").is_some(),
+        "the Python SDK reads the delay from this trailer: {err:?}"
+    );
     let ok = export(
         &server,
         export_of(vec![], vec![record("a2", vec![kv("session.id", text("a"))])]),
