@@ -314,3 +314,73 @@ async fn reflection_lists_the_services_through_v1_and_through_v1alpha() {
     );
     server.stop_async().await;
 }
+
+/// A CA and a leaf it signed for `names` with `usage`: (CA PEM, leaf cert PEM, leaf key PEM).
+fn pki(names: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "otlp test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, names[0]);
+    p.extended_key_usages = vec![usage];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &*ca).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_over_mutual_tls_is_served_and_a_plaintext_one_is_not() {
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let td = TestDir::new();
+    let (ca, server_cert, server_key) = pki(&["localhost"], ServerAuth);
+    let (client_ca, client_cert, client_key) = pki(&["agent-1"], ClientAuth);
+    let write = |name: &str, text: &str| {
+        let p = td.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (cert, key, client_ca) = (
+        write("server.pem", &server_cert),
+        write("server.key", &server_key),
+        write("client-ca.pem", &client_ca),
+    );
+    let mut server = Server::start(
+        &td.log_dir(),
+        &[
+            ("LOGD_TLS_CERT", &cert),
+            ("LOGD_TLS_KEY", &key),
+            ("LOGD_TLS_CLIENT_CA", &client_ca),
+        ],
+    );
+    let request = || export_of(vec![kv("session.id", text("tls"))], vec![record("over mtls", vec![])]);
+    let plaintext = export(&server, request()).await;
+    assert!(plaintext.is_err(), "a plaintext export must fail: {plaintext:?}");
+
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(&client_cert, &client_key));
+    let host_port = server.addr.trim_start_matches("http://").to_owned();
+    let ch = Endpoint::from_shared(format!("https://{host_port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("TLS connect with a client certificate");
+    let answer = LogsServiceClient::new(ch)
+        .export(request())
+        .await
+        .expect("Export over mTLS");
+    assert_eq!(answer.into_inner().partial_success, None);
+    server.stop_async().await;
+    let lines = &read_sessions(&td.log_dir())["tls"];
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].content, "over mtls");
+}
