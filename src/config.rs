@@ -235,6 +235,11 @@ pub struct ServeArgs {
     /// `[A-Za-z0-9._-]`, at most 64 bytes. Default: the host name.
     #[arg(long, env = "LOGD_INSTANCE")]
     pub instance: Option<String>,
+
+    /// The OTLP log record (or resource) attribute that names a record's
+    /// session; without it `service.instance.id`, then `service.name`.
+    #[arg(long, env = "LOGD_OTLP_SESSION_ATTRIBUTE", default_value = "session.id")]
+    pub otlp_session_attribute: String,
 }
 
 /// Longest `LOGD_INSTANCE`, in bytes.

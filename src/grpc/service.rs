@@ -30,6 +30,8 @@ use crate::telemetry::prometheus::Metrics;
 use crate::telemetry::stats::{DispatchStats, IngestStats, MirrorStats};
 use store::MetaStore;
 
+mod whole;
+
 /// Rejections listed in one response (the count is always exact).
 pub const REJECTIONS_LISTED_MAX: usize = 100;
 /// Frames per request handed to the commit thread.
@@ -113,7 +115,7 @@ impl Ready {
         let _ = self.0.set(shared);
     }
 
-    fn get(&self) -> Result<Shared, Status> {
+    pub(crate) fn get(&self) -> Result<Shared, Status> {
         self.0.get().cloned().ok_or_else(|| {
             Status::with_error_details(
                 Code::Unavailable,
@@ -140,12 +142,12 @@ struct Chunk {
 
 /// Counts and ranges over a call (or since the last ack).
 #[derive(Default)]
-struct Tally {
-    accepted: i64,
-    duplicate: i64,
-    rejected: i64,
+pub(crate) struct Tally {
+    pub(crate) accepted: i64,
+    pub(crate) duplicate: i64,
+    pub(crate) rejected: i64,
     sessions: Vec<SessionRange>,
-    rejections: Vec<Rejection>,
+    pub(crate) rejections: Vec<Rejection>,
 }
 
 impl Tally {
@@ -215,7 +217,7 @@ async fn admit(shared: &Shared, units: u32, not_done: &str) -> Result<(), Status
 }
 
 /// Builds chunks from a stream of frames and settles them in order.
-struct StreamIngest {
+pub(crate) struct StreamIngest {
     shared: Shared,
     next_index: i64,
     building: Vec<LogFrame>,
@@ -242,7 +244,7 @@ fn not_durable(why: &IngestError, index: i64) -> Status {
 }
 
 impl StreamIngest {
-    fn new(shared: Shared) -> Self {
+    pub(crate) fn new(shared: Shared) -> Self {
         StreamIngest {
             shared,
             next_index: 0,
@@ -275,7 +277,7 @@ impl StreamIngest {
     /// session is new and LOGD_SESSIONS_ACTIVE_MAX sessions are active; the
     /// frame is not taken and the call must end (after settling what came
     /// before it) with this RESOURCE_EXHAUSTED.
-    fn push(&mut self, mut frame: LogFrame) -> Result<(), Status> {
+    pub(crate) fn push(&mut self, mut frame: LogFrame) -> Result<(), Status> {
         let index = self.next_index;
         self.shared.metrics.frames_received.inc();
         if let Err((rule, reason)) = validate(&frame, self.shared.limits.frame_bytes_max) {
@@ -391,7 +393,7 @@ impl StreamIngest {
     }
 
     /// Waits for the oldest chunk and adds it to `tally`; returns its end index.
-    async fn settle_one(&mut self, tally: &mut Tally) -> Result<Option<i64>, Status> {
+    pub(crate) async fn settle_one(&mut self, tally: &mut Tally) -> Result<Option<i64>, Status> {
         let Some(chunk) = self.pending.front_mut() else {
             return Ok(None);
         };

@@ -15,11 +15,13 @@ use super::{Lifelines, shutdown_signal, tls_config};
 use crate::config::ServeArgs;
 use crate::grpc::auth::{Auth, TokenAuth, reload_tokens_on_sighup};
 use crate::grpc::conn::limited_incoming;
+use crate::grpc::otlp::OtlpLogsSvc;
 use crate::grpc::service::{AdminSvc, LogSvc, Ready, Shared};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::log_service_server::LogServiceServer;
 use crate::telemetry::console::outln;
 use crate::telemetry::prometheus::Metrics;
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
 
 /// The running edge: the gRPC server and the tasks beside it.
 pub(super) struct Edge {
@@ -76,12 +78,22 @@ pub(super) async fn start_edge(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(opentelemetry_proto::DESCRIPTORS)
         .build_v1()
         .context("building the reflection service")?;
+    let reflection_v1alpha = reflection_v1alpha()?;
     let ready = Ready::default();
     let log_svc =
         LogServiceServer::new(LogSvc { ready: ready.clone() }).max_decoding_message_size(args.max_message_bytes);
     let admin_svc = AdminServiceServer::new(AdminSvc { ready: ready.clone() });
+    let otlp_svc = LogsServiceServer::new(OtlpLogsSvc {
+        ready: ready.clone(),
+        session_attribute: args.otlp_session_attribute.clone(),
+    })
+    // The Collector's otlp exporter compresses with gzip by default; the
+    // size limit applies to the decompressed message.
+    .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+    .max_decoding_message_size(args.max_message_bytes);
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(args.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(args.http2_keepalive_seconds)))
@@ -104,6 +116,8 @@ pub(super) async fn start_edge(
         // Reflection describes the services: behind the token like them.
         // Health stays open for load balancers and probes.
         .add_service(InterceptedService::new(reflection, auth.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, auth.clone()))
+        .add_service(InterceptedService::new(otlp_svc, auth.clone()))
         .add_service(InterceptedService::new(log_svc, auth.clone()))
         .add_service(InterceptedService::new(admin_svc, auth))
         .serve_with_incoming_shutdown(
@@ -125,6 +139,19 @@ pub(super) async fn start_edge(
         serving: metrics.serving.clone(),
         ready,
     })
+}
+
+/// Reflection as `grpc.reflection.v1alpha` too, for the clients that speak
+/// only it (grpcio-reflection, older grpcurl, Evans).
+fn reflection_v1alpha() -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(opentelemetry_proto::DESCRIPTORS)
+        .build_v1alpha()
+        .context("building the v1alpha reflection service")
 }
 
 /// The Prometheus endpoint (`LOGD_METRICS_LISTEN`), unless `off`.

@@ -12,6 +12,7 @@ mod instance;
 mod lifecycle;
 mod operator;
 mod ops;
+mod otlp;
 mod recover;
 mod redis_server;
 mod restart;

@@ -36,3 +36,19 @@ def test_grpcio_drives_all_three_rpcs_and_health(server):
     ch.close()
     server.stop()
     assert [l["seq"] for l in server.lines("io")] == list(range(1, 12)) + [100]
+
+
+def test_grpcio_reflection_client_speaking_v1alpha_lists_services_and_resolves_the_otlp_service(server):
+    """grpcio-reflection's client speaks only grpc.reflection.v1alpha."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.target) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = set(db.get_services())
+        for want in ["logging.v1.LogService", "logging.v1.AdminService", "grpc.health.v1.Health",
+                     "opentelemetry.proto.collector.logs.v1.LogsService"]:
+            assert want in services, f"{want} missing from {sorted(services)}"
+        pool = DescriptorPool(db)
+        export = pool.FindServiceByName("opentelemetry.proto.collector.logs.v1.LogsService").FindMethodByName("Export")
+        assert export.input_type.full_name == "opentelemetry.proto.collector.logs.v1.ExportLogsServiceRequest"
