@@ -4,7 +4,9 @@
 //! Delivery is at least once and in order: a failed `XADD` stops the pass
 //! and is retried with backoff. Each removal is flushed before the next
 //! `XADD`, so a crash can re-send only the one event whose `XADD` was not
-//! yet confirmed by a durable removal (with the same `event_id`). Redis
+//! yet confirmed by a durable removal (with the same `event_id`). A slow
+//! answer is waited for ([`REDIS_RESPONSE_TIMEOUT`]), not taken for a
+//! failure: Redis may still run a command its client gave up on. Redis
 //! being down never touches ingest: events wait in the outbox (bounded by
 //! `LOGD_OUTBOX_EVENTS_MAX`: at it, rotations wait). Started only after the
 //! recovery pass, so events of files recovery finished go out too.
@@ -77,9 +79,18 @@ async fn publish(con: &mut ConnectionManager, cfg: &MirrorConfig, e: &Event) -> 
     Ok(())
 }
 
+/// How long the mirror waits for Redis to answer a command. Not the Redis
+/// client's default (500 ms): a command that times out may still run in
+/// Redis (it is queued there), so an `XADD` given up on and sent again would
+/// put the event on the stream twice while nothing crashed. Redis answering
+/// slowly (busy, swapping, `CLIENT PAUSE`) must only delay the events. A
+/// dead connection is still noticed: it fails at once, or at this bound.
+const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn connect(cfg: &MirrorConfig) -> redis::RedisResult<ConnectionManager> {
     let client = redis::Client::open(cfg.url.as_str())?;
-    ConnectionManager::new(client).await
+    let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT));
+    ConnectionManager::new_with_config(client, config).await
 }
 
 /// Runs until `shutdown`, publishing the outbox whenever `wake` fires (and
@@ -148,7 +159,14 @@ pub async fn run_mirror(
             let mut event = event.clone();
             event.stamp_instance(&cfg.instance);
             let event = &event;
-            if let Err(e) = publish(c, &cfg, event).await {
+            // Shutdown does not wait for a slow answer: the event stays in
+            // the outbox and is sent again at the next start (if Redis ran
+            // the XADD after all, that one event twice, as after a crash).
+            let published = tokio::select! {
+                r = publish(c, &cfg, event) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            if let Err(e) = published {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 if !warned {
                     warn!(

@@ -119,6 +119,50 @@ async fn a_run_with_many_rotations_and_no_crash_sends_every_event_id_once() {
     assert_eq!(ids.len(), 2 * gz.len(), "a rotated and a compressed event per file");
 }
 
+/// Redis answers slowly (a busy or swapping server; here `CLIENT PAUSE
+/// WRITE` holds every write for 2 s): the mirror must wait for the answer to
+/// its `XADD` rather than give up, take it for failed and send the event
+/// again while the first `XADD` is still queued in Redis. (With the Redis
+/// client's default 500 ms response timeout, each event of this test reached
+/// the stream several times; seen as a flake under load before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_answer_does_not_send_an_event_twice() {
+    let redis = RedisServer::start();
+    let td = TestDir::new();
+    let dir = td.log_dir();
+    let env = env_for(&redis);
+    let server = Server::start(&dir, &as_env(&env));
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let paused = Instant::now();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .arg("WRITE")
+        .query_async(&mut con)
+        .await
+        .expect("CLIENT PAUSE");
+    let sessions: Vec<String> = (0..3).map(|i| format!("slow-{i}")).collect();
+    assert!(send_round(&server, &sessions, 1).await);
+    rotate_all(&server).await;
+    wait_files_settled(&server, &dir, Duration::from_secs(60)).await;
+    assert!(
+        paused.elapsed() >= Duration::from_millis(1500),
+        "the events were delivered while Redis paused writes: the test paused nothing"
+    );
+    let mut server = server;
+    server.stop();
+    let gz = gz_files(&dir);
+    let ids = stream_event_ids(&redis.url).await;
+    println!("{} files, {} stream entries", gz.len(), ids.len());
+    assert_eq!(
+        repeated(&ids),
+        BTreeMap::new(),
+        "event_ids on the stream more than once"
+    );
+    assert_eq!(ids.len(), 2 * gz.len(), "a rotated and a compressed event per file");
+}
+
 /// Starts logd with `failpoints` armed and writes until it aborts (or, with
 /// `None`, SIGKILLs it after ~1 s of load); reads the stream; restarts,
 /// lets everything finish; reads the stream again. The stream after the
