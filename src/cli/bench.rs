@@ -183,7 +183,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             Ok(h) => hist.add(h)?,
             Err(e) => {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
-                errln!("bench stream failed: {e:#}");
+                errln!("bench stream failed: {}", crate::cli::error_line(&e));
             }
         }
     }
