@@ -349,13 +349,7 @@ impl StreamIngest {
         let frames = std::mem::take(&mut self.building);
         let indices = std::mem::take(&mut self.building_indices);
         let bytes = std::mem::take(&mut self.building_bytes);
-        let mut runs: Vec<(String, usize)> = Vec::new();
-        for f in &frames {
-            match runs.last_mut() {
-                Some((s, n)) if *s == f.session_id => *n += 1,
-                _ => runs.push((f.session_id.clone(), 1)),
-            }
-        }
+        let runs = session_runs(&frames);
         let reply = if frames.is_empty() {
             None
         } else {
@@ -368,17 +362,10 @@ impl StreamIngest {
             }
             let units = (bytes.div_ceil(BUDGET_UNIT_BYTES) as u32).clamp(1, self.shared.budget_units_total);
             admit(&self.shared, units, "frames not acknowledged yet were not accepted").await?;
-            let (tx, rx) = oneshot::channel();
-            let req = IngestRequest {
-                frames,
-                budget_units: units,
-                reply: tx,
-                query: None,
-            };
-            if self.shared.submitter.submit(req).is_err() {
+            let Some(rx) = submit_frames(&self.shared, frames, units) else {
                 self.shared.budget.add_permits(units as usize);
                 return Err(Status::unavailable("server is shutting down"));
-            }
+            };
             Some(rx)
         };
         self.pending.push_back(Chunk {
@@ -837,4 +824,31 @@ impl AdminService for AdminSvc {
             Err(e) => Err(Status::internal(format!("rotation failed: {e}"))),
         }
     }
+}
+
+/// `(session, frames)` for each run of consecutive frames of one session,
+/// in order: how a chunk's outcomes map back to sessions.
+fn session_runs(frames: &[LogFrame]) -> Vec<(String, usize)> {
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for f in frames {
+        match runs.last_mut() {
+            Some((s, n)) if *s == f.session_id => *n += 1,
+            _ => runs.push((f.session_id.clone(), 1)),
+        }
+    }
+    runs
+}
+
+/// Submits admitted frames holding `units` of budget to the commit thread;
+/// the receiver gets their outcomes after the fsync. `None` once the
+/// server shuts down (the caller gives the budget back).
+fn submit_frames(shared: &Shared, frames: Vec<LogFrame>, units: u32) -> Option<oneshot::Receiver<IngestReply>> {
+    let (tx, rx) = oneshot::channel();
+    let req = IngestRequest {
+        frames,
+        budget_units: units,
+        reply: tx,
+        query: None,
+    };
+    shared.submitter.submit(req).ok().map(|()| rx)
 }

@@ -8,12 +8,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use tokio::sync::oneshot;
 use tonic::Status;
 
-use super::{BUDGET_UNIT_BYTES, CHUNK_BYTES_MAX, CHUNK_FRAMES_MAX, Chunk, StreamIngest, admit, resource_exhausted};
+use super::{
+    BUDGET_UNIT_BYTES, CHUNK_BYTES_MAX, CHUNK_FRAMES_MAX, Chunk, StreamIngest, admit, resource_exhausted, session_runs,
+    submit_frames,
+};
 use crate::pb::{LogFrame, Rejection};
-use crate::pipeline::sequencer::IngestRequest;
 
 impl StreamIngest {
     /// Rejects the next item of the call without a frame (it could not
@@ -77,25 +78,12 @@ impl StreamIngest {
         let mut unsubmitted = units_total as usize;
         let rejections = std::mem::take(&mut self.building_rejections);
         for (frames, indices, units) in chunks {
-            let mut runs: Vec<(String, usize)> = Vec::new();
-            for f in &frames {
-                match runs.last_mut() {
-                    Some((s, n)) if *s == f.session_id => *n += 1,
-                    _ => runs.push((f.session_id.clone(), 1)),
-                }
-            }
+            let runs = session_runs(&frames);
             let end_index = indices.last().map_or(self.next_index, |i| i + 1);
-            let (tx, rx) = oneshot::channel();
-            let req = IngestRequest {
-                frames,
-                budget_units: units,
-                reply: tx,
-                query: None,
-            };
-            if self.shared.submitter.submit(req).is_err() {
+            let Some(rx) = submit_frames(&self.shared, frames, units) else {
                 self.shared.budget.add_permits(unsubmitted);
                 return Err(Status::unavailable("server is shutting down"));
-            }
+            };
             unsubmitted -= units as usize;
             let (rejections, submitted) = (Vec::new(), Instant::now());
             self.pending.push_back(Chunk {
