@@ -388,7 +388,7 @@ impl Replayer {
             self.files.insert(frame.session_id.clone(), sf);
         }
         let sf = self.files.get_mut(&frame.session_id).expect("just inserted");
-        let written = sf.append(lsn, frame);
+        let written = sf.append_frame(lsn, frame);
         if sf.pending_bytes() > REPLAY_PENDING_BYTES_MAX {
             sf.write_pending()?;
         }

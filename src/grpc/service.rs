@@ -603,12 +603,7 @@ impl LogService for LogSvc {
         // answered), so a flood of GetSession calls is bounded too.
         admit(&shared, 1, "GetSession was not answered").await?;
         let (tx, rx) = oneshot::channel();
-        let req = IngestRequest {
-            frames: Vec::new(),
-            budget_units: 1,
-            reply: tx,
-            query: Some(session_id.clone()),
-        };
+        let req = IngestRequest::query(session_id.clone(), 1, tx);
         if shared.submitter.submit(req).is_err() {
             shared.budget.add_permits(1);
             return Err(Status::unavailable("server is shutting down"));
@@ -844,11 +839,6 @@ fn session_runs(frames: &[LogFrame]) -> Vec<(String, usize)> {
 /// server shuts down (the caller gives the budget back).
 fn submit_frames(shared: &Shared, frames: Vec<LogFrame>, units: u32) -> Option<oneshot::Receiver<IngestReply>> {
     let (tx, rx) = oneshot::channel();
-    let req = IngestRequest {
-        frames,
-        budget_units: units,
-        reply: tx,
-        query: None,
-    };
+    let req = IngestRequest::new(frames, units, tx);
     shared.submitter.submit(req).ok().map(|()| rx)
 }

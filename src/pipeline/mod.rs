@@ -15,6 +15,6 @@ pub use crate::telemetry::stats::DispatchStats;
 pub use crate::telemetry::stats::IngestStats;
 pub use checkpoints::{CheckpointBatch, CheckpointError};
 pub use openfiles::OpenFiles;
-pub use sequencer::{Durable, IngestRequest, Outcome, Sequencer};
+pub use sequencer::{Durable, DurableFrame, IngestRequest, Outcome, Sequencer};
 pub use sequencer::{IngestError, IngestReply};
 pub use writer::{CheckpointTracker, PENDING_WRITE_BYTES};

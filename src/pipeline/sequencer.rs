@@ -69,6 +69,11 @@ pub enum IngestError {
 pub struct IngestRequest {
     /// The frames (time and version already normalized).
     pub frames: Vec<LogFrame>,
+    /// Each frame's line after its seq ([`store::render_tail`]), in the
+    /// order of `frames`: rendered by the submitter ([`IngestRequest::new`])
+    /// while the frames it just decoded are in cache, not by the session
+    /// writer long after.
+    pub tails: Vec<Box<[u8]>>,
     /// Admission budget units this request holds, released once materialized.
     pub budget_units: u32,
     /// Where the outcomes go, after the fsync.
@@ -77,10 +82,55 @@ pub struct IngestRequest {
     pub query: Option<String>,
 }
 
+impl IngestRequest {
+    /// A request for `frames`, holding `budget_units` of the admission
+    /// budget; renders each frame's tail.
+    pub fn new(frames: Vec<LogFrame>, budget_units: u32, reply: oneshot::Sender<IngestReply>) -> Self {
+        let mut scratch = Vec::with_capacity(512);
+        let tails = frames
+            .iter()
+            .map(|f| {
+                scratch.clear();
+                store::render_tail(f, &mut scratch);
+                Box::<[u8]>::from(scratch.as_slice())
+            })
+            .collect();
+        IngestRequest {
+            frames,
+            tails,
+            budget_units,
+            reply,
+            query: None,
+        }
+    }
+
+    /// A query for `session`'s last seq, holding `budget_units`.
+    pub fn query(session: String, budget_units: u32, reply: oneshot::Sender<IngestReply>) -> Self {
+        IngestRequest {
+            frames: Vec::new(),
+            tails: Vec::new(),
+            budget_units,
+            reply,
+            query: Some(session),
+        }
+    }
+}
+
+/// A frame made durable, as its session writer needs it.
+#[derive(Debug)]
+pub struct DurableFrame {
+    /// The WAL record's LSN.
+    pub lsn: u64,
+    /// The session.
+    pub session: String,
+    /// The seq and the rendered rest of the line.
+    pub line: store::Line,
+}
+
 /// Frames made durable by one commit, on their way to the session writers.
 pub struct Durable {
-    /// `(lsn, frame)` in LSN order.
-    pub frames: Vec<(u64, LogFrame)>,
+    /// In LSN order.
+    pub frames: Vec<DurableFrame>,
     /// Budget units to release once they are handed to writers.
     pub budget_units: u32,
 }
@@ -88,7 +138,7 @@ pub struct Durable {
 /// Per-request state between staging and settling.
 pub struct Staged {
     outcomes: Vec<Outcome>,
-    durable: Vec<(u64, LogFrame)>,
+    durable: Vec<DurableFrame>,
     budget_units: u32,
     reply: oneshot::Sender<IngestReply>,
 }
@@ -279,7 +329,8 @@ impl Stage for Sequencer {
             outcomes.push(Outcome::LastSeq(self.last_seq[session].last));
         }
         let mut durable = Vec::with_capacity(req.frames.len());
-        for mut frame in req.frames {
+        assert_eq!(req.tails.len(), req.frames.len(), "one rendered tail per frame");
+        for (mut frame, tail) in req.frames.into_iter().zip(req.tails) {
             let last = self.last_seq.get(&frame.session_id).expect(loaded).last;
             let seq = match frame.seq {
                 // SEQ_MAX is i64::MAX: checked arithmetic is the bound.
@@ -302,7 +353,11 @@ impl Stage for Sequencer {
                 Ok(lsn) => {
                     self.last_seq.get_mut(&frame.session_id).expect(loaded).last = seq;
                     outcomes.push(Outcome::Accepted(seq));
-                    durable.push((lsn, frame));
+                    durable.push(DurableFrame {
+                        lsn,
+                        session: std::mem::take(&mut frame.session_id),
+                        line: store::Line { seq, tail },
+                    });
                 }
                 Err(e) => return Err((req.reply, req.budget_units, IngestError::Wal(e.to_string().into()))),
             }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use wal::fs::{Fs, FsFile, OpenMode};
 
-use crate::line::{line_seq, render_line};
+use crate::line::{Line, line_seq, render_line};
 use crate::names::logtmp_path;
 use crate::pb::LogFrame;
 use crate::records::Checkpoint;
@@ -301,19 +301,29 @@ impl SessionFile {
         &self.path
     }
 
+    /// Puts `line` (of WAL record `lsn`) into the pending buffer, unless the
+    /// session already holds its seq. Returns whether it was new.
+    pub fn append(&mut self, lsn: u64, line: &Line) -> bool {
+        self.append_with(lsn, line.seq, |out| line.write_to(out))
+    }
+
     /// Renders `frame` (taken from WAL record `lsn`) into the pending buffer,
     /// unless the session already holds its seq. Returns whether it was new.
-    pub fn append(&mut self, lsn: u64, frame: &LogFrame) -> bool {
+    pub fn append_frame(&mut self, lsn: u64, frame: &LogFrame) -> bool {
+        self.append_with(lsn, frame.seq, |out| render_line(frame, out))
+    }
+
+    fn append_with(&mut self, lsn: u64, seq: i64, render: impl FnOnce(&mut Vec<u8>)) -> bool {
         // Replay starts at the WAL's oldest record, which may be older than
         // the checkpoint: such records are skipped by seq below.
-        if frame.seq <= self.last_seq {
+        if seq <= self.last_seq {
             self.last_lsn = self.last_lsn.max(lsn);
             return false;
         }
         self.assert_lsn_grows(lsn);
         self.last_lsn = lsn;
-        render_line(frame, &mut self.pending);
-        self.last_seq = frame.seq;
+        render(&mut self.pending);
+        self.last_seq = seq;
         true
     }
 
@@ -321,21 +331,21 @@ impl SessionFile {
     /// bytes: a new line that would take a non-empty file past it is not
     /// taken ([`Appended::Full`]: rotate, then append it to the next file).
     /// A line larger than `size_max` on its own goes into an empty file.
-    pub fn append_within(&mut self, lsn: u64, frame: &LogFrame, size_max: u64) -> Appended {
-        if frame.seq <= self.last_seq {
+    pub fn append_within(&mut self, lsn: u64, line: &Line, size_max: u64) -> Appended {
+        if line.seq <= self.last_seq {
             self.last_lsn = self.last_lsn.max(lsn);
             return Appended::Skipped;
         }
         let before = self.pending.len();
         let size_before = self.size();
-        render_line(frame, &mut self.pending);
+        line.write_to(&mut self.pending);
         if size_before > 0 && self.size() > size_max {
             self.pending.truncate(before);
             return Appended::Full;
         }
         self.assert_lsn_grows(lsn);
         self.last_lsn = lsn;
-        self.last_seq = frame.seq;
+        self.last_seq = line.seq;
         Appended::Written
     }
 

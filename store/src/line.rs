@@ -62,14 +62,29 @@ fn exact_integer(n: f64) -> Option<i64> {
 
 static EMPTY_STRUCT: std::sync::LazyLock<prost_types::Struct> = std::sync::LazyLock::new(Default::default);
 
-/// Appends `frame` as one JSON line (with `\n`) to `out`.
+/// Appends the frame's line to `out`: `{"seq":N` then [`render_tail`].
 pub fn render_line(frame: &LogFrame, out: &mut Vec<u8>) {
-    use std::io::Write;
+    write_seq(frame.seq, out);
+    render_tail(frame, out);
+}
+
+/// Appends `{"seq":N`, the start of every line.
+fn write_seq(seq: i64, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+}
+
+/// Appends the part of the frame's line that follows its seq
+/// (`,"time":…,"metadata":{…}}` and the newline). The seq is decided later
+/// than the rest (on the commit thread), so the gRPC handler renders this
+/// part while the frame it just decoded is in cache, and the session writer
+/// only puts the seq in front ([`Line`]).
+pub fn render_tail(frame: &LogFrame, out: &mut Vec<u8>) {
     // Field by field, in the documented order. Strings that need no escaping
     // (the common case for log content) are copied in one piece: serde_json's
     // byte-by-byte escaping was the largest item of the ingest profile.
     let time = frame.time.as_ref().map(format_time).unwrap_or_default();
-    write!(out, "{{\"seq\":{},\"time\":", frame.seq).expect("Vec write");
+    out.extend_from_slice(b",\"time\":");
     json_str(out, &time);
     out.extend_from_slice(b",\"session_id\":");
     json_str(out, &frame.session_id);
@@ -77,12 +92,45 @@ pub fn render_line(frame: &LogFrame, out: &mut Vec<u8>) {
     json_str(out, &frame.user_id);
     out.extend_from_slice(b",\"role\":");
     json_str(out, &frame.role);
-    write!(out, ",\"version\":{},\"content\":", frame.version.max(1)).expect("Vec write");
+    out.extend_from_slice(b",\"version\":");
+    out.extend_from_slice(itoa::Buffer::new().format(frame.version.max(1)).as_bytes());
+    out.extend_from_slice(b",\"content\":");
     json_str(out, &frame.content);
     out.extend_from_slice(b",\"metadata\":");
     let metadata = JsonStruct(frame.metadata.as_ref().unwrap_or(&EMPTY_STRUCT));
     serde_json::to_writer(&mut *out, &metadata).expect("writing JSON to a Vec cannot fail");
     out.extend_from_slice(b"}\n");
+}
+
+/// A durable frame as its session writer needs it: the seq and the rest of
+/// the line, already rendered ([`render_tail`]). Holding this instead of the
+/// decoded frame keeps one allocation per frame between the commit and the
+/// file instead of one per string field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// The frame's seq.
+    pub seq: i64,
+    /// The line after `{"seq":N`, newline included.
+    pub tail: Box<[u8]>,
+}
+
+impl Line {
+    /// The line of `frame` (its seq as it is now).
+    pub fn of(frame: &LogFrame) -> Line {
+        let mut tail = Vec::with_capacity(frame.content.len() + 160);
+        render_tail(frame, &mut tail);
+        Line {
+            seq: frame.seq,
+            tail: tail.into_boxed_slice(),
+        }
+    }
+
+    /// Appends the whole line to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.reserve(self.tail.len() + 28);
+        write_seq(self.seq, out);
+        out.extend_from_slice(&self.tail);
+    }
 }
 
 /// Appends `s` as a JSON string, byte-identical to serde_json's output.
@@ -213,5 +261,14 @@ mod tests {
              \"role\":\"r\",\"version\":1,\"content\":\"a\\nb\\\"c\",\"metadata\":{\"k\":1.5}}\n"
         );
         assert_eq!(line_seq(&out), Some(42));
+        // The seq and the tail rendered apart make the same bytes.
+        let mut apart = Vec::new();
+        Line::of(&f).write_to(&mut apart);
+        assert_eq!(apart, out);
+        let mut later = Line::of(&LogFrame { seq: 0, ..f.clone() });
+        later.seq = 42;
+        let mut seq_later = Vec::new();
+        later.write_to(&mut seq_later);
+        assert_eq!(seq_later, out, "the seq can be set after the tail is rendered");
     }
 }

@@ -37,12 +37,12 @@ fn lines_whose_fdatasync_failed_are_not_trusted_after_a_restart_without_a_power_
     fs.sync_dir(Path::new("/")).unwrap();
     let (mut file, _) = SessionFile::open(fs.clone(), dir, "s", None).unwrap();
     for seq in 1..=3 {
-        assert!(file.append(seq as u64, &frame(seq)));
+        assert!(file.append_frame(seq as u64, &frame(seq)));
     }
     let synced = file.sync().unwrap();
     assert_eq!(synced.last_seq, 3);
     for seq in 4..=6 {
-        assert!(file.append(seq as u64, &frame(seq)));
+        assert!(file.append_frame(seq as u64, &frame(seq)));
     }
     file.write_pending().unwrap();
     let path = logtmp_path(dir, "s");

@@ -561,12 +561,7 @@ impl World {
                 self.note(format!("stage [{}]", desc.join(" ")));
             }
             let (tx, rx) = oneshot::channel();
-            requests.push(IngestRequest {
-                frames,
-                budget_units: units,
-                reply: tx,
-                query: None,
-            });
+            requests.push(IngestRequest::new(frames, units, tx));
             waiting.push(Waiting {
                 rx,
                 contents,

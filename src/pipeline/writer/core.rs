@@ -4,8 +4,9 @@
 //!
 //! A [`SessionWriter`] owns its session's `.logtmp` ([`SessionFile`]) and a
 //! queue of jobs, taken one at a time, in order:
-//! - **frames** ([`SessionWriter::push_frames`]): render each line (rotating
-//!   by size before a line that would cross the limit), write them once
+//! - **frames** ([`SessionWriter::push_frames`]): append each line (the
+//!   gRPC handler rendered all of it but the seq; rotating by size before a
+//!   line that would cross the limit), write them once
 //!   [`PENDING_WRITE_BYTES`] are pending, rotate when the file reached the
 //!   limit, then give the batch's admission budget back;
 //! - **sync** (flush tick, before rotation, close and stop): write the
@@ -50,11 +51,10 @@ use tracing::{debug, error, info, warn};
 
 use super::step::{Output, Step};
 use super::{OnError, PENDING_WRITE_BYTES, Settings, on_error, outbox_full_for, reason_index};
-use crate::pb::LogFrame;
 use crate::pipeline::openfiles::FileSlot;
-use store::Checkpoint;
 use store::RotateReason;
 use store::{Appended, FileOp, SessionFile, logtmp_path};
+use store::{Checkpoint, Line};
 use store::{Rotation, complete_rotation, rotate_synced};
 
 /// A blocking operation the writer asked for ([`Step::Blocking`]).
@@ -71,7 +71,7 @@ enum Job {
     /// Append these frames, write once enough is pending, rotate at the size
     /// limit, then give back `units`.
     Frames {
-        frames: VecDeque<(u64, LogFrame)>,
+        frames: VecDeque<(u64, Line)>,
         units: u32,
         /// The size rotation the next frame needs waits (the outbox is
         /// full): the frame goes in past the limit rather than be dropped.
@@ -252,7 +252,7 @@ impl SessionWriter {
     // -- inputs ----------------------------------------------------------
 
     /// Durable frames routed to this writer, worth `units` of the budget.
-    pub fn push_frames(&mut self, frames: Vec<(u64, LogFrame)>, units: u32, now: Instant) {
+    pub fn push_frames(&mut self, frames: Vec<(u64, Line)>, units: u32, now: Instant) {
         if let (Some(first), Some(last)) = (frames.first(), frames.last()) {
             assert!(
                 first.0 > self.last_pushed_lsn && frames.windows(2).all(|w| w[0].0 < w[1].0),
@@ -430,7 +430,7 @@ impl SessionWriter {
 
     // -- jobs ----------------------------------------------------------------
 
-    fn frames(&mut self, mut frames: VecDeque<(u64, LogFrame)>, units: u32, mut force: bool, appended: bool) -> Next {
+    fn frames(&mut self, mut frames: VecDeque<(u64, Line)>, units: u32, mut force: bool, appended: bool) -> Next {
         let again = |frames, force, appended| Job::Frames {
             frames,
             units,

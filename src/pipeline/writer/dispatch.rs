@@ -27,16 +27,16 @@ use std::hash::BuildHasher;
 use tracing::{debug, error};
 use wal::Segments;
 
-use crate::pb::LogFrame;
-use store::MetaStore;
+use crate::pipeline::DurableFrame;
+use store::{Line, MetaStore};
 
 /// One session's part of a routed batch.
 #[derive(Debug)]
 pub struct Delivery {
     /// The session.
     pub session: String,
-    /// Its frames, in LSN order.
-    pub frames: Vec<(u64, LogFrame)>,
+    /// Its frames' `(lsn, line)`, in LSN order.
+    pub frames: Vec<(u64, Line)>,
     /// Its share of the batch's admission budget.
     pub units: u32,
 }
@@ -47,24 +47,24 @@ pub struct Delivery {
 /// as `Err(units)` for the caller to return to the budget.
 pub fn route(
     tracker: &mut CheckpointTracker,
-    frames: Vec<(u64, LogFrame)>,
+    frames: Vec<DurableFrame>,
     budget_units: u32,
 ) -> Result<Vec<Delivery>, u32> {
-    let Some(&(last_lsn, _)) = frames.last() else {
+    let Some(last_lsn) = frames.last().map(|f| f.lsn) else {
         return Err(budget_units);
     };
     let total_frames = frames.len() as u64;
     // Groups in order of first appearance (deterministic).
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut groups: Vec<Delivery> = Vec::new();
-    for (lsn, frame) in frames {
-        match index.get(&frame.session_id) {
-            Some(&i) => groups[i].frames.push((lsn, frame)),
+    for DurableFrame { lsn, session, line } in frames {
+        match index.get(&session) {
+            Some(&i) => groups[i].frames.push((lsn, line)),
             None => {
-                index.insert(frame.session_id.clone(), groups.len());
+                index.insert(session.clone(), groups.len());
                 groups.push(Delivery {
-                    session: frame.session_id.clone(),
-                    frames: vec![(lsn, frame)],
+                    session,
+                    frames: vec![(lsn, line)],
                     units: 0,
                 });
             }

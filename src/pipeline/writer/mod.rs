@@ -52,7 +52,6 @@ use wal::fs::Fs;
 
 use crate::telemetry::stats::DispatchStats;
 
-use crate::pb::LogFrame;
 use crate::pipeline::openfiles::OpenFiles;
 use store::FileOp;
 use store::Lifecycle;
@@ -117,7 +116,7 @@ fn reason_index(r: RotateReason) -> usize {
 /// What a writer is asked to do.
 pub enum WriterMsg {
     /// Materialize these durable frames, then return this many budget units.
-    Frames(Vec<(u64, LogFrame)>, u32),
+    Frames(Vec<(u64, store::Line)>, u32),
     /// Rotate now; the reply names the rotated file (None: file was empty).
     Rotate(oneshot::Sender<Result<Option<String>, String>>),
 }
