@@ -67,13 +67,8 @@ pub enum IngestError {
 
 /// Validated frames from one stream, in stream order.
 pub struct IngestRequest {
-    /// The frames (time and version already normalized).
-    pub frames: Vec<LogFrame>,
-    /// Each frame's line after its seq ([`store::render_tail`]), in the
-    /// order of `frames`: rendered by the submitter ([`IngestRequest::new`])
-    /// while the frames it just decoded are in cache, not by the session
-    /// writer long after.
-    pub tails: Vec<Box<[u8]>>,
+    /// The frames, prepared ([`Prepared::of`]).
+    pub frames: Vec<Prepared>,
     /// Admission budget units this request holds, released once materialized.
     pub budget_units: u32,
     /// Where the outcomes go, after the fsync.
@@ -82,22 +77,63 @@ pub struct IngestRequest {
     pub query: Option<String>,
 }
 
+/// A validated frame (time and version already normalized), prepared by
+/// the submitter while the frame it just decoded is in cache: everything
+/// the commit thread and the session writer need of it but the seq, which
+/// only the commit thread decides. The decoded frame is dropped here, so
+/// the commit thread copies bytes instead of encoding a frame it no longer
+/// has in cache, and an acked frame waits for its writer as one rendered
+/// line instead of a struct of strings.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The session.
+    pub session: String,
+    /// The client's seq (0: the server assigns the next one).
+    pub client_seq: i64,
+    /// The frame's protobuf encoding without its seq: the WAL record's
+    /// payload once [`append_seq`] put the decided seq after it.
+    pub payload: Box<[u8]>,
+    /// The frame's JSON line after its seq ([`store::render_tail`]).
+    pub tail: Box<[u8]>,
+}
+
+/// `LogFrame.seq`'s field number (`proto/logging/v1/logging.proto`).
+const SEQ_FIELD: u32 = 6;
+
+impl Prepared {
+    /// Prepares `frame`; `scratch` is reused between frames.
+    pub fn of(mut frame: LogFrame, scratch: &mut Vec<u8>) -> Prepared {
+        let client_seq = std::mem::take(&mut frame.seq);
+        scratch.clear();
+        store::render_tail(&frame, scratch);
+        let tail = Box::<[u8]>::from(scratch.as_slice());
+        scratch.clear();
+        // seq is 0 now: proto3 leaves the field out of the encoding.
+        frame.encode_raw(scratch);
+        Prepared {
+            session: std::mem::take(&mut frame.session_id),
+            client_seq,
+            payload: Box::<[u8]>::from(scratch.as_slice()),
+            tail,
+        }
+    }
+}
+
+/// Completes a frame record's payload (a [`Prepared::payload`] in `buf`):
+/// appends the seq field. Protobuf decoders take a scalar field's last
+/// occurrence, and the payload has none before it, so the record decodes
+/// as the frame with this seq, as if it had been encoded with it.
+pub fn append_seq(buf: &mut Vec<u8>, seq: i64) {
+    prost::encoding::int64::encode(SEQ_FIELD, &seq, buf);
+}
+
 impl IngestRequest {
     /// A request for `frames`, holding `budget_units` of the admission
-    /// budget; renders each frame's tail.
+    /// budget; prepares each frame ([`Prepared::of`]).
     pub fn new(frames: Vec<LogFrame>, budget_units: u32, reply: oneshot::Sender<IngestReply>) -> Self {
-        let mut scratch = Vec::with_capacity(512);
-        let tails = frames
-            .iter()
-            .map(|f| {
-                scratch.clear();
-                store::render_tail(f, &mut scratch);
-                Box::<[u8]>::from(scratch.as_slice())
-            })
-            .collect();
+        let mut scratch = Vec::with_capacity(1024);
         IngestRequest {
-            frames,
-            tails,
+            frames: frames.into_iter().map(|f| Prepared::of(f, &mut scratch)).collect(),
             budget_units,
             reply,
             query: None,
@@ -108,7 +144,6 @@ impl IngestRequest {
     pub fn query(session: String, budget_units: u32, reply: oneshot::Sender<IngestReply>) -> Self {
         IngestRequest {
             frames: Vec::new(),
-            tails: Vec::new(),
             budget_units,
             reply,
             query: Some(session),
@@ -284,7 +319,7 @@ impl Sequencer {
     /// it is appended. On a store error the request fails and logd stops
     /// (exit 1; the restart's recovery rebuilds what the store lost).
     fn load_sessions(&mut self, req: &IngestRequest) -> Result<(), IngestError> {
-        let sessions = req.query.iter().chain(req.frames.iter().map(|f| &f.session_id));
+        let sessions = req.query.iter().chain(req.frames.iter().map(|f| &f.session));
         for session in sessions {
             if let Err(why) = self.last_seq(session) {
                 tracing::error!("{why}; nothing more is acknowledged, logd stops so a restart can recover");
@@ -329,10 +364,9 @@ impl Stage for Sequencer {
             outcomes.push(Outcome::LastSeq(self.last_seq[session].last));
         }
         let mut durable = Vec::with_capacity(req.frames.len());
-        assert_eq!(req.tails.len(), req.frames.len(), "one rendered tail per frame");
-        for (mut frame, tail) in req.frames.into_iter().zip(req.tails) {
-            let last = self.last_seq.get(&frame.session_id).expect(loaded).last;
-            let seq = match frame.seq {
+        for frame in req.frames {
+            let last = self.last_seq.get(&frame.session).expect(loaded).last;
+            let seq = match frame.client_seq {
                 // SEQ_MAX is i64::MAX: checked arithmetic is the bound.
                 0 => match last.checked_add(1) {
                     Some(next) => next,
@@ -348,15 +382,18 @@ impl Stage for Sequencer {
                 s => s,
             };
             debug_assert!((1..=SEQ_MAX).contains(&seq), "validated: seq {seq} in 1..={SEQ_MAX}");
-            frame.seq = seq;
-            match wal.append_with(RecordType::Frame, |buf| frame.encode_raw(buf)) {
+            let record = |buf: &mut Vec<u8>| {
+                buf.extend_from_slice(&frame.payload);
+                append_seq(buf, seq);
+            };
+            match wal.append_with(RecordType::Frame, record) {
                 Ok(lsn) => {
-                    self.last_seq.get_mut(&frame.session_id).expect(loaded).last = seq;
+                    self.last_seq.get_mut(&frame.session).expect(loaded).last = seq;
                     outcomes.push(Outcome::Accepted(seq));
                     durable.push(DurableFrame {
                         lsn,
-                        session: std::mem::take(&mut frame.session_id),
-                        line: store::Line { seq, tail },
+                        session: frame.session,
+                        line: store::Line { seq, tail: frame.tail },
                     });
                 }
                 Err(e) => return Err((req.reply, req.budget_units, IngestError::Wal(e.to_string().into()))),
@@ -411,6 +448,49 @@ impl Stage for Sequencer {
                     let _ = reply.send(Err(why));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: i64) -> LogFrame {
+        LogFrame {
+            version: 1,
+            time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 7,
+            }),
+            session_id: "s1".into(),
+            user_id: "u".into(),
+            role: "r".into(),
+            seq,
+            content: "hello \"world\"".into(),
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn a_prepared_payload_with_its_seq_decodes_as_the_frame_with_that_seq() {
+        for (client_seq, decided) in [(0, 1), (0, i64::MAX), (5, 5), (i64::MAX, i64::MAX)] {
+            let p = Prepared::of(frame(client_seq), &mut Vec::new());
+            assert_eq!((p.session.as_str(), p.client_seq), ("s1", client_seq));
+            let mut record = p.payload.to_vec();
+            append_seq(&mut record, decided);
+            let back = LogFrame::decode(record.as_slice()).unwrap();
+            assert_eq!(back, frame(decided));
+            // The tail is the line of that frame after its seq.
+            let mut line = Vec::new();
+            store::Line {
+                seq: decided,
+                tail: p.tail,
+            }
+            .write_to(&mut line);
+            let mut want = Vec::new();
+            store::render_line(&frame(decided), &mut want);
+            assert_eq!(line, want);
         }
     }
 }
