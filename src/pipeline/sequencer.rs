@@ -101,20 +101,25 @@ pub struct Prepared {
 const SEQ_FIELD: u32 = 6;
 
 impl Prepared {
-    /// Prepares `frame`; `scratch` is reused between frames.
-    pub fn of(mut frame: LogFrame, scratch: &mut Vec<u8>) -> Prepared {
+    /// Prepares `frame`: both byte strings are rendered straight into
+    /// allocations of their size (no scratch buffer, no copy).
+    pub fn of(mut frame: LogFrame) -> Prepared {
         let client_seq = std::mem::take(&mut frame.seq);
-        scratch.clear();
-        store::render_tail(&frame, scratch);
-        let tail = Box::<[u8]>::from(scratch.as_slice());
-        scratch.clear();
+        // The tail's size: the strings, the time (30 bytes) and the keys
+        // (~90 bytes); escapes and metadata make it longer (the vector
+        // grows), and the slack is returned by `into_boxed_slice`.
+        let strings = frame.session_id.len() + frame.user_id.len() + frame.role.len() + frame.content.len();
+        let metadata = frame.metadata.as_ref().map_or(0, |m| 32 * m.fields.len());
+        let mut tail = Vec::with_capacity(strings + metadata + 128);
+        store::render_tail(&frame, &mut tail);
         // seq is 0 now: proto3 leaves the field out of the encoding.
-        frame.encode_raw(scratch);
+        let mut payload = Vec::with_capacity(frame.encoded_len());
+        frame.encode_raw(&mut payload);
         Prepared {
             session: std::mem::take(&mut frame.session_id),
             client_seq,
-            payload: Box::<[u8]>::from(scratch.as_slice()),
-            tail,
+            payload: payload.into_boxed_slice(),
+            tail: tail.into_boxed_slice(),
         }
     }
 }
@@ -131,9 +136,8 @@ impl IngestRequest {
     /// A request for `frames`, holding `budget_units` of the admission
     /// budget; prepares each frame ([`Prepared::of`]).
     pub fn new(frames: Vec<LogFrame>, budget_units: u32, reply: oneshot::Sender<IngestReply>) -> Self {
-        let mut scratch = Vec::with_capacity(1024);
         IngestRequest {
-            frames: frames.into_iter().map(|f| Prepared::of(f, &mut scratch)).collect(),
+            frames: frames.into_iter().map(Prepared::of).collect(),
             budget_units,
             reply,
             query: None,
@@ -475,7 +479,7 @@ mod tests {
     #[test]
     fn a_prepared_payload_with_its_seq_decodes_as_the_frame_with_that_seq() {
         for (client_seq, decided) in [(0, 1), (0, i64::MAX), (5, 5), (i64::MAX, i64::MAX)] {
-            let p = Prepared::of(frame(client_seq), &mut Vec::new());
+            let p = Prepared::of(frame(client_seq));
             assert_eq!((p.session.as_str(), p.client_seq), ("s1", client_seq));
             let mut record = p.payload.to_vec();
             append_seq(&mut record, decided);
