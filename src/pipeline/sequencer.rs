@@ -105,12 +105,10 @@ impl Prepared {
     /// allocations of their size (no scratch buffer, no copy).
     pub fn of(mut frame: LogFrame) -> Prepared {
         let client_seq = std::mem::take(&mut frame.seq);
-        // The tail's size: the strings, the time (30 bytes) and the keys
-        // (~90 bytes); escapes and metadata make it longer (the vector
-        // grows), and the slack is returned by `into_boxed_slice`.
-        let strings = frame.session_id.len() + frame.user_id.len() + frame.role.len() + frame.content.len();
-        let metadata = frame.metadata.as_ref().map_or(0, |m| 32 * m.fields.len());
-        let mut tail = Vec::with_capacity(strings + metadata + 128);
+        // Exact for most frames, so `into_boxed_slice` keeps the allocation;
+        // escapes and metadata make the vector grow, and the slack is
+        // returned by `into_boxed_slice`.
+        let mut tail = Vec::with_capacity(store::tail_len(&frame));
         store::render_tail(&frame, &mut tail);
         // seq is 0 now: proto3 leaves the field out of the encoding.
         let mut payload = Vec::with_capacity(frame.encoded_len());

@@ -9,9 +9,69 @@ use crate::pb::LogFrame;
 
 /// `time` as RFC 3339 UTC with nanoseconds, e.g. `2026-11-29T05:14:07.000000001Z`.
 pub fn format_time(t: &prost_types::Timestamp) -> String {
-    let dt = chrono::DateTime::from_timestamp(t.seconds, t.nanos.clamp(0, 999_999_999) as u32)
-        .expect("validated timestamp is in range");
-    dt.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    let mut out = Vec::with_capacity(TIME_BYTES);
+    write_time(&mut out, t);
+    String::from_utf8(out).expect("ASCII")
+}
+
+/// The length of a time [`write_time`] renders for years 0–9999.
+const TIME_BYTES: usize = "2026-11-29T05:14:07.000000001Z".len();
+
+/// Appends [`format_time`]'s text to `out`, without `fmt` or an allocation
+/// for the years 0–9999 (every valid protobuf Timestamp); other years go
+/// through chrono. Byte-identical to chrono's
+/// `to_rfc3339_opts(SecondsFormat::Nanos, true)` (a property test checks).
+fn write_time(out: &mut Vec<u8>, t: &prost_types::Timestamp) {
+    let nanos = t.nanos.clamp(0, 999_999_999) as u32;
+    let days = t.seconds.div_euclid(86_400);
+    let secs_of_day = t.seconds.rem_euclid(86_400) as u32;
+    let (year, month, day) = civil_from_days(days);
+    if !(0..=9999).contains(&year) {
+        let dt = chrono::DateTime::from_timestamp(t.seconds, nanos).expect("validated timestamp is in range");
+        out.extend_from_slice(dt.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).as_bytes());
+        return;
+    }
+    let mut b = [0u8; TIME_BYTES];
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year as u32);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, secs_of_day / 3600);
+    put(14, 2, secs_of_day / 60 % 60);
+    put(17, 2, secs_of_day % 60);
+    put(20, 9, nanos);
+    for (at, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (29, b'Z'),
+    ] {
+        b[at] = c;
+    }
+    out.extend_from_slice(&b);
+}
+
+/// The proleptic Gregorian (year, month, day) of a day count from
+/// 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11]
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 struct JsonStruct<'a>(&'a prost_types::Struct);
@@ -60,8 +120,6 @@ fn exact_integer(n: f64) -> Option<i64> {
     (n.fract() == 0.0 && n.abs() < TWO_53).then_some(n as i64)
 }
 
-static EMPTY_STRUCT: std::sync::LazyLock<prost_types::Struct> = std::sync::LazyLock::new(Default::default);
-
 /// Appends the frame's line to `out`: `{"seq":N` then [`render_tail`].
 pub fn render_line(frame: &LogFrame, out: &mut Vec<u8>) {
     write_seq(frame.seq, out);
@@ -83,9 +141,11 @@ pub fn render_tail(frame: &LogFrame, out: &mut Vec<u8>) {
     // Field by field, in the documented order. Strings that need no escaping
     // (the common case for log content) are copied in one piece: serde_json's
     // byte-by-byte escaping was the largest item of the ingest profile.
-    let time = frame.time.as_ref().map(format_time).unwrap_or_default();
-    out.extend_from_slice(b",\"time\":");
-    json_str(out, &time);
+    out.extend_from_slice(b",\"time\":\"");
+    if let Some(t) = &frame.time {
+        write_time(out, t); // no byte of it needs escaping
+    }
+    out.push(b'"');
     out.extend_from_slice(b",\"session_id\":");
     json_str(out, &frame.session_id);
     out.extend_from_slice(b",\"user_id\":");
@@ -97,9 +157,30 @@ pub fn render_tail(frame: &LogFrame, out: &mut Vec<u8>) {
     out.extend_from_slice(b",\"content\":");
     json_str(out, &frame.content);
     out.extend_from_slice(b",\"metadata\":");
-    let metadata = JsonStruct(frame.metadata.as_ref().unwrap_or(&EMPTY_STRUCT));
-    serde_json::to_writer(&mut *out, &metadata).expect("writing JSON to a Vec cannot fail");
+    match &frame.metadata {
+        Some(m) if !m.fields.is_empty() => {
+            serde_json::to_writer(&mut *out, &JsonStruct(m)).expect("writing JSON to a Vec cannot fail")
+        }
+        _ => out.extend_from_slice(b"{}"),
+    }
     out.extend_from_slice(b"}\n");
+}
+
+/// The size of [`render_tail`]'s output for `frame`: exact when no string
+/// needs an escape and the metadata is empty (the common case, so that the
+/// line's allocation is made once, at its size), a guess otherwise.
+pub fn tail_len(frame: &LogFrame) -> usize {
+    // `,"time":""` `,"session_id":""` `,"user_id":""` `,"role":""`
+    // `,"version":` `,"content":""` `,"metadata":` and `}\n`.
+    const KEYS: usize = 10 + 16 + 13 + 10 + 11 + 13 + 12 + 2;
+    let strings = frame.session_id.len() + frame.user_id.len() + frame.role.len() + frame.content.len();
+    let time = if frame.time.is_some() { TIME_BYTES } else { 0 };
+    let version = itoa::Buffer::new().format(frame.version.max(1)).len();
+    let metadata = match &frame.metadata {
+        Some(m) if !m.fields.is_empty() => 32 * m.fields.len(),
+        _ => 2,
+    };
+    KEYS + time + strings + version + metadata
 }
 
 /// A durable frame as its session writer needs it: the seq and the rest of
@@ -117,7 +198,7 @@ pub struct Line {
 impl Line {
     /// The line of `frame` (its seq as it is now).
     pub fn of(frame: &LogFrame) -> Line {
-        let mut tail = Vec::with_capacity(frame.content.len() + 160);
+        let mut tail = Vec::with_capacity(tail_len(frame));
         render_tail(frame, &mut tail);
         Line {
             seq: frame.seq,
@@ -170,6 +251,70 @@ pub fn line_seq(line: &[u8]) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chrono_time(seconds: i64, nanos: i32) -> String {
+        chrono::DateTime::from_timestamp(seconds, nanos.clamp(0, 999_999_999) as u32)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    }
+
+    #[test]
+    fn times_render_as_chrono_renders_them_at_the_edges() {
+        // 0001-01-01, 1969-12-31T23:59:59, the epoch, leap days, 9999-12-31,
+        // year 10000 (the chrono path), year 0 and before.
+        for (seconds, nanos) in [
+            (-62_135_596_800, 0),
+            (-1, 999_999_999),
+            (0, 0),
+            (951_782_400, 1),   // 2000-02-29
+            (4_107_542_400, 5), // 2100-03-01
+            (253_402_300_799, 999_999_999),
+            (253_402_300_800, 0),
+            (-62_167_219_200, 7),
+            (-62_198_755_200, 0),
+        ] {
+            let t = prost_types::Timestamp { seconds, nanos };
+            assert_eq!(format_time(&t), chrono_time(seconds, nanos), "{seconds} {nanos}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_time_renders_as_chrono_renders_it(
+            seconds in -62_135_596_800i64..=253_402_300_799,
+            nanos in -5i32..1_000_000_005,
+        ) {
+            let t = prost_types::Timestamp { seconds, nanos };
+            proptest::prop_assert_eq!(format_time(&t), chrono_time(seconds, nanos));
+        }
+    }
+
+    #[test]
+    fn the_tail_length_is_exact_for_plain_frames_and_a_guess_otherwise() {
+        let mut frame = LogFrame {
+            session_id: "s-1".into(),
+            user_id: "u".into(),
+            role: "assistant".into(),
+            content: "x".repeat(256),
+            version: 12,
+            time: Some(prost_types::Timestamp {
+                seconds: 1_764_000_000,
+                nanos: 5,
+            }),
+            ..Default::default()
+        };
+        let rendered = |f: &LogFrame| {
+            let mut out = Vec::new();
+            render_tail(f, &mut out);
+            out.len()
+        };
+        assert_eq!(rendered(&frame), tail_len(&frame));
+        frame.time = None;
+        frame.version = 0;
+        assert_eq!(rendered(&frame), tail_len(&frame));
+        frame.content = "a \"quoted\" word".into();
+        assert!(rendered(&frame) > tail_len(&frame), "escapes make it longer");
+    }
 
     #[test]
     fn json_strings_match_serde_json_byte_for_byte() {
