@@ -105,11 +105,7 @@ impl Prepared {
     /// allocations of their size (no scratch buffer, no copy).
     pub fn of(mut frame: LogFrame) -> Prepared {
         let client_seq = std::mem::take(&mut frame.seq);
-        // Exact for most frames, so `into_boxed_slice` keeps the allocation;
-        // escapes and metadata make the vector grow, and the slack is
-        // returned by `into_boxed_slice`.
-        let mut tail = Vec::with_capacity(store::tail_len(&frame));
-        store::render_tail(&frame, &mut tail);
+        let tail = store::Line::of(&frame).tail;
         // seq is 0 now: proto3 leaves the field out of the encoding.
         let mut payload = Vec::with_capacity(frame.encoded_len());
         frame.encode_raw(&mut payload);
@@ -117,7 +113,7 @@ impl Prepared {
             session: std::mem::take(&mut frame.session_id),
             client_seq,
             payload: payload.into_boxed_slice(),
-            tail: tail.into_boxed_slice(),
+            tail,
         }
     }
 }

@@ -20,7 +20,7 @@ pub mod sim;
 
 pub use events::{Event, EventKind, RotateReason, event_id, now_ms};
 pub use file::{Appended, FileError, FileOp, OpenRepair, SessionFile, move_aside, session_file_refusal};
-pub use line::{Line, format_time, line_seq, render_line, render_tail, tail_len};
+pub use line::{Line, format_time, line_seq, render_line, render_tail};
 pub use meta::{
     MATERIALIZED_BELOW_LSN_KEY, MetaError, MetaStore, Op, Rows, SledMeta, Tree, checkpoint_op, compress_op,
     event_delete_op, event_op, materialized_below_op, rotation_op,

@@ -196,7 +196,9 @@ pub struct Line {
 }
 
 impl Line {
-    /// The line of `frame` (its seq as it is now).
+    /// The line of `frame` (its seq as it is now), its tail rendered into
+    /// an allocation of its size ([`tail_len`] is exact for most frames, so
+    /// `into_boxed_slice` keeps the allocation).
     pub fn of(frame: &LogFrame) -> Line {
         let mut tail = Vec::with_capacity(tail_len(frame));
         render_tail(frame, &mut tail);
