@@ -126,9 +126,15 @@ pub fn render_line(frame: &LogFrame, out: &mut Vec<u8>) {
     render_tail(frame, out);
 }
 
+/// The start of every line, before its seq.
+const SEQ_KEY: &[u8] = b"{\"seq\":";
+
+/// The longest `{"seq":N` there is (`N` = `i64::MIN`).
+pub const SEQ_PREFIX_BYTES_MAX: usize = SEQ_KEY.len() + 20;
+
 /// Appends `{"seq":N`, the start of every line.
 fn write_seq(seq: i64, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"seq\":");
+    out.extend_from_slice(SEQ_KEY);
     out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
 }
 
@@ -210,9 +216,25 @@ impl Line {
 
     /// Appends the whole line to `out`.
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        out.reserve(self.tail.len() + 28);
+        out.reserve(self.tail.len() + SEQ_PREFIX_BYTES_MAX);
         write_seq(self.seq, out);
         out.extend_from_slice(&self.tail);
+    }
+
+    /// Appends the line's start, `{"seq":N`, to `out` ([`Line::tail`]
+    /// follows it in the file).
+    pub fn write_prefix(&self, out: &mut Vec<u8>) {
+        write_seq(self.seq, out);
+    }
+
+    /// The line's size in bytes, newline included.
+    pub fn len(&self) -> usize {
+        SEQ_KEY.len() + itoa::Buffer::new().format(self.seq).len() + self.tail.len()
+    }
+
+    /// Whether the line is empty (never: every line has its seq).
+    pub fn is_empty(&self) -> bool {
+        false
     }
 }
 

@@ -8,7 +8,8 @@
 //!   gRPC handler rendered all of it but the seq; rotating by size before a
 //!   line that would cross the limit), write them once
 //!   [`PENDING_WRITE_BYTES`] are pending, rotate when the file reached the
-//!   limit, then give the batch's admission budget back;
+//!   limit; the batch's admission budget comes back once none of its lines
+//!   is pending any more (they hold their memory until they are written);
 //! - **sync** (flush tick, before rotation, close and stop): write the
 //!   pending lines, fdatasync, put the checkpoint, report it;
 //! - **rotate** (size, age, idle, manual): sync, then rotate the file
@@ -173,6 +174,9 @@ pub struct SessionWriter {
     /// A transient error's pause before the failed step runs again.
     wait: Option<Duration>,
     retries: u32,
+    /// Budget units of frames appended whose lines are still pending
+    /// (returned by [`SessionWriter::release_written`]).
+    unwritten_units: u32,
     out: Vec<Output>,
 }
 
@@ -204,6 +208,7 @@ impl SessionWriter {
             to_put: None,
             wait: None,
             retries: 0,
+            unwritten_units: 0,
             out: Vec::new(),
         }
     }
@@ -456,19 +461,20 @@ impl SessionWriter {
             let sf = self.file.as_mut().expect("open");
             // The size limit holds per line: rotate before a line that would
             // cross it (a line larger than the limit gets a file of its own).
-            while let Some((lsn, frame)) = frames.front() {
+            while let Some((lsn, line)) = frames.pop_front() {
                 if force {
                     // The size rotation waits (the event outbox is full): the
                     // line goes in now, past the limit, rather than be dropped
                     // (every acked frame is written, in order).
-                    sf.append(*lsn, frame);
+                    sf.append(lsn, line);
                     self.dirty = true;
                     force = false;
                 } else {
-                    match sf.append_within(*lsn, frame, size_max) {
+                    match sf.append_within(lsn, line, size_max) {
                         Appended::Written => self.dirty = true,
                         Appended::Skipped => {}
-                        Appended::Full => {
+                        Appended::Full(line) => {
+                            frames.push_front((lsn, line));
                             let rotate = Job::Rotate {
                                 reason: RotateReason::Size,
                                 token: None,
@@ -479,7 +485,6 @@ impl SessionWriter {
                         }
                     }
                 }
-                frames.pop_front();
             }
         }
         // One write per batch (not per frame) once enough is pending.
@@ -491,7 +496,10 @@ impl SessionWriter {
         {
             return Next::Again(again(frames, force, true)); // a retry pauses, a fail-stop drops
         }
-        self.out.push(Output::Budget(units));
+        // The budget comes back once the lines are written (they hold their
+        // memory until then), or now if nothing is left pending.
+        self.unwritten_units += units;
+        self.release_written();
         if self
             .file
             .as_ref()
@@ -743,6 +751,16 @@ impl SessionWriter {
         }
     }
 
+    /// Gives back the budget of the frames appended so far once none of
+    /// their lines is pending (or the writer failed: nothing will write
+    /// them; the restart replays them from the WAL).
+    fn release_written(&mut self) {
+        let pending = self.file.as_ref().map_or(0, |sf| sf.pending_bytes());
+        if self.unwritten_units > 0 && (pending == 0 || self.failed) {
+            self.out.push(Output::Budget(std::mem::take(&mut self.unwritten_units)));
+        }
+    }
+
     /// Writes the rendered lines to the file (page cache). False when the
     /// step must wait for a retry, or after a fail-stop.
     fn write_pending(&mut self) -> bool {
@@ -757,6 +775,7 @@ impl SessionWriter {
             Ok(()) => {
                 self.retries = 0;
                 wal::crash_point!("writer::after_write");
+                self.release_written();
                 true
             }
             Err(e) if on_error(e.op, &e.source) == OnError::Retry => {
@@ -820,6 +839,7 @@ impl SessionWriter {
         self.failure = Some(what.to_owned());
         self.blocking = None;
         self.cfg.stats.fatal_errors.fetch_add(1, Ordering::Relaxed);
+        self.release_written();
         self.out.push(Output::FailStop(what.to_owned()));
     }
 
@@ -872,3 +892,7 @@ enum Next {
     /// The job waits for the driver (a slot, or a blocking operation).
     Wait(Job, Step),
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;
