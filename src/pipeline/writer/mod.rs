@@ -144,6 +144,9 @@ impl WriterConfig {
 /// per batch cost a syscall per frame with many sessions (each commit gives
 /// a session a frame or two); acked frames are durable in the WAL meanwhile,
 /// and readers of a live `.logtmp` see them at most one flush interval late.
+/// Pending lines keep their share of the admission budget until they are
+/// written, so with many sessions the budget comes back at most one flush
+/// interval late too.
 pub const PENDING_WRITE_BYTES: usize = 32 << 10;
 
 /// What a writer does about a failed step of its file's I/O.
