@@ -26,8 +26,10 @@
 //!
 //! Channels: commit thread → dispatcher → writers are unbounded queues whose
 //! content is bounded by the admission budget (`LOGD_INFLIGHT_BYTES_MAX`):
-//! a writer returns a batch's budget only once it has written the batch, so
-//! frames in memory never exceed the budget, a slow writer pushes back all
+//! a writer returns a batch's budget only once it has appended the batch to
+//! its file's pending lines (at most [`PENDING_WRITE_BYTES`] per open file,
+//! written at that size or the flush tick), so queued frames never exceed
+//! the budget, a slow writer pushes back all
 //! the way to the clients, and the dispatcher itself never waits on one
 //! session (no head-of-line blocking). The compression queue is bounded and
 //! a full queue leaves the job in the store for the next pass.
@@ -144,9 +146,9 @@ impl WriterConfig {
 /// per batch cost a syscall per frame with many sessions (each commit gives
 /// a session a frame or two); acked frames are durable in the WAL meanwhile,
 /// and readers of a live `.logtmp` see them at most one flush interval late.
-/// Pending lines keep their share of the admission budget until they are
-/// written, so with many sessions the budget comes back at most one flush
-/// interval late too.
+/// Pending lines are outside the admission budget (a batch's budget comes
+/// back once it is appended): holding it until the write stalled every
+/// stream when a small budget was spread over many sessions.
 pub const PENDING_WRITE_BYTES: usize = 32 << 10;
 
 /// What a writer does about a failed step of its file's I/O.
