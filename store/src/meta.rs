@@ -230,10 +230,30 @@ pub struct SledMeta {
     outbox_len: std::sync::atomic::AtomicI64,
 }
 
+/// How long [`SledMeta::open`] waits for a lock held by a store this
+/// process just closed.
+pub const SLED_LOCK_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl SledMeta {
     /// Opens (or creates) the store in `dir`.
+    ///
+    /// A store closed in this process may still be locked for a moment:
+    /// sled's background threads drop their handles (and the file lock)
+    /// shortly after the last `Db`. Opening waits for that lock up to
+    /// [`SLED_LOCK_WAIT_MAX`] (another process holding it is refused
+    /// earlier, by the state directory's own lock).
     pub fn open(dir: &Path) -> Result<Self, MetaError> {
-        let db = sled::Config::new().path(dir).flush_every_ms(Some(1000)).open()?;
+        let deadline = std::time::Instant::now() + SLED_LOCK_WAIT_MAX;
+        let db = loop {
+            match sled::Config::new().path(dir).flush_every_ms(Some(1000)).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => break other?,
+            }
+        };
         let trees: Vec<(Tree, sled::Tree)> = Tree::ALL
             .iter()
             .map(|t| Ok((*t, db.open_tree(t.name())?)))
